@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PIP     = $(VENV)/bin/pip
+PIN     = -c constraints.txt
+
+.PHONY: demo test bench clean
+
+$(VENV)/.base: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(PIN) torch torchvision
+	$(PIP) install -q $(PIN) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -q $(PIN) -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/sensitune demo
+
+test: $(VENV)/.test
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(VENV)/.base
+	$(VENV)/bin/sensitune bench --suite mini --out results/mini-full
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

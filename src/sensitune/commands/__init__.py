@@ -1,0 +1,1 @@
+"""Sub-commands of the ``sensitune`` CLI, one module each (see ``sensitune.cli``)."""
