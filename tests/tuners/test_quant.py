@@ -1,0 +1,166 @@
+"""Tests of the k-bit quantiser: codebook, STE forward/backward, codes, storage, round trip."""
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import pytest
+import torch
+
+from sensitune.tuners.quant import (
+    EPS,
+    QuantLinear,
+    bi_head,
+    codebook,
+    dequantize,
+    head_nbytes,
+    pack_quantized,
+    packed_nbytes,
+    quantize_codes,
+    quantize_ste,
+    storage_nbytes,
+    thresholds,
+    unpack_quantized,
+)
+
+QBITS = (1, 2, 4, 8)
+N01 = NormalDist()
+
+
+# ------------------------------------------------------------------ codebook
+def test_codebook_reproduces_the_spec_numbers():
+    assert torch.allclose(codebook(1, torch.float64), torch.tensor([-0.6745, 0.6745], dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(
+        codebook(2, torch.float64), torch.tensor([-1.2657, -0.3778, 0.3778, 1.2657], dtype=torch.float64), atol=1e-4
+    )
+    assert torch.allclose(thresholds(2, torch.float64), torch.tensor([-0.8217, 0.0, 0.8217], dtype=torch.float64), atol=1e-4)
+    four = codebook(4, torch.float64)
+    assert four.numel() == 16
+    assert abs(four[-1].item() - 2.2655) < 1e-4 and abs(four[0].item() + 2.2655) < 1e-4
+
+
+@pytest.mark.parametrize("bits", QBITS)
+def test_every_level_is_the_probability_median_of_its_bin(bits):
+    """Checked with the standard library's normal distribution, independent of torch.special."""
+    levels = codebook(bits, torch.float64).tolist()
+    edges = thresholds(bits, torch.float64).tolist()
+    assert len(levels) == 2**bits and len(edges) == 2**bits - 1
+    assert all(a < b for a, b in zip(levels, levels[1:]))
+    for i, t in enumerate(edges):
+        assert t == pytest.approx((levels[i] + levels[i + 1]) / 2, abs=1e-12)
+    cdf = [0.0] + [N01.cdf(t) for t in edges] + [1.0]
+    for i, v in enumerate(levels):
+        assert N01.cdf(v) == pytest.approx((cdf[i] + cdf[i + 1]) / 2, abs=1e-9)
+    assert levels == pytest.approx([-v for v in reversed(levels)], abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, 3, 16, 64, 1.0, True, "4"])
+def test_unsupported_bits_are_refused(bad):
+    with pytest.raises(ValueError, match="bits"):
+        quantize_ste(torch.randn(4, 4), bad)
+    with pytest.raises(ValueError, match="bits"):
+        codebook(bad)
+
+
+def test_32_bits_has_no_codebook_but_is_identity_in_ste():
+    w = torch.randn(5, 3)
+    assert quantize_ste(w, 32) is w
+    with pytest.raises(ValueError, match="32"):
+        codebook(32)
+    with pytest.raises(ValueError, match="32"):
+        quantize_codes(w, 32)
+
+
+# ------------------------------------------------------------------ forward
+def test_one_bit_forward_is_mu_plus_sign_times_0_6745_sigma():
+    torch.manual_seed(0)
+    w = torch.randn(16, 24) * 0.3 + 0.1
+    mu, sigma = w.mean(), w.std()
+    expected = mu + torch.where(w > mu, 1.0, -1.0) * codebook(1)[1] * sigma
+    assert torch.allclose(quantize_ste(w, 1), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", QBITS)
+def test_forward_snaps_every_entry_to_the_nearest_scaled_level(bits):
+    """Brute force: argmin over all levels of |Ŵ − v| (independent of bucketize)."""
+    torch.manual_seed(bits)
+    w = torch.randn(37, 11, dtype=torch.float64) * 2.0 - 0.5
+    mu, sigma = w.mean(), w.std()
+    w_hat = (w - mu) / (sigma + EPS)
+    levels = codebook(bits, torch.float64)
+    nearest = levels[(w_hat.unsqueeze(-1) - levels).abs().argmin(-1)]
+    out = quantize_ste(w, bits)
+    assert out.shape == w.shape and out.dtype == w.dtype
+    assert torch.allclose(out, nearest * sigma + mu, atol=1e-12)
+    assert len(torch.unique(out)) <= 2**bits
+
+
+@pytest.mark.parametrize("bits", QBITS)
+def test_quantized_forward_equals_forward_with_explicitly_dequantized_weight(bits):
+    torch.manual_seed(10 + bits)
+    layer = torch.nn.Linear(19, 7, bias=True)
+    x = torch.randn(5, 19)
+    y_quant = torch.nn.functional.linear(x, quantize_ste(layer.weight, bits), layer.bias)
+    codes, mu, sigma = quantize_codes(layer.weight, bits)
+    assert codes.dtype == torch.uint8 and codes.shape == layer.weight.shape
+    assert int(codes.max()) < 2**bits
+    w_deq = dequantize(codes, mu, sigma, bits)
+    assert torch.equal(w_deq, quantize_ste(layer.weight, bits))
+    y_deq = torch.nn.functional.linear(x, w_deq, layer.bias)
+    assert torch.equal(y_quant, y_deq)
+
+
+def test_constant_weight_does_not_divide_by_zero():
+    w = torch.full((4, 4), 0.25)
+    out = quantize_ste(w, 2)
+    assert torch.isfinite(out).all() and torch.allclose(out, w)
+
+
+def test_too_small_or_integer_weight_is_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        quantize_ste(torch.ones(1, 1), 1)
+    with pytest.raises(TypeError, match="floating"):
+        quantize_ste(torch.ones(3, 3, dtype=torch.int64), 1)
+
+
+# ------------------------------------------------------------------ STE gradient
+@pytest.mark.parametrize("bits", QBITS)
+def test_ste_gradient_matches_explicit_detach_expression(bits):
+    """dL/dW through quantize_ste == autograd of Ŵ + (Q(Ŵ) − Ŵ).detach() written out by hand."""
+    torch.manual_seed(20 + bits)
+    w0 = torch.randn(9, 13, dtype=torch.float64)
+    target = torch.randn(9, 13, dtype=torch.float64)
+    levels = codebook(bits, torch.float64)
+
+    w1 = w0.clone().requires_grad_(True)
+    loss1 = ((quantize_ste(w1, bits) - target) ** 2 * torch.arange(13.0, dtype=torch.float64)).sum()
+    loss1.backward()
+
+    w2 = w0.clone().requires_grad_(True)
+    mu = w2.sum() / w2.numel()
+    sigma = torch.sqrt(((w2 - mu) ** 2).sum() / (w2.numel() - 1))
+    w_hat = (w2 - mu) / (sigma + EPS)
+    q = levels[(w_hat.detach().unsqueeze(-1) - levels).abs().argmin(-1)]
+    w_q = (w_hat + (q - w_hat).detach()) * sigma + mu
+    loss2 = ((w_q - target) ** 2 * torch.arange(13.0, dtype=torch.float64)).sum()
+    loss2.backward()
+
+    assert torch.allclose(loss1, loss2, atol=1e-12)
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-10, rtol=1e-9)
+    # the gradient is not the plain pass-through: μ and σ carry part of it
+    assert not torch.allclose(w1.grad, 2 * (quantize_ste(w0, bits) - target) * torch.arange(13.0, dtype=torch.float64))
+
+
+def test_ste_gradient_of_a_sum_matches_hand_derivation():
+    """L = Σ_j (Q(Ŵ_j)·σ + μ). With STE, the Ŵ path contributes σ·Σ_j ∂Ŵ_j/∂W_i = 0 (Ŵ sums to
+    zero and its σ-derivative cancels), the μ path gives 1, and σ in the rescale gives
+    S·∂σ/∂W_i with S = Σ_j Q(Ŵ_j) and ∂σ/∂W_i = (W_i − μ)/((N − 1)·σ)."""
+    torch.manual_seed(3)
+    w = (torch.randn(6, 7, dtype=torch.float64) ** 2).requires_grad_(True)  # skewed: unbalanced signs
+    quantize_ste(w, 1).sum().backward()
+    with torch.no_grad():
+        n, mu, sigma = w.numel(), w.mean(), w.std()
+        s = ((quantize_ste(w, 1) - mu) / sigma).sum()
+        expected = 1 + s * (w - mu) / ((n - 1) * sigma)
+    assert torch.allclose(w.grad, expected, atol=1e-6)
+    assert s.abs() > 0.5  # the σ term is really exercised
