@@ -164,3 +164,144 @@ def test_ste_gradient_of_a_sum_matches_hand_derivation():
         expected = 1 + s * (w - mu) / ((n - 1) * sigma)
     assert torch.allclose(w.grad, expected, atol=1e-6)
     assert s.abs() > 0.5  # the σ term is really exercised
+
+
+# ------------------------------------------------------------------ storage bytes
+@pytest.fixture(scope="module")
+def vit_b16():
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+
+
+def _vit_shapes(model):
+    from sensitune.models import tunable_tensors
+
+    infos = tunable_tensors(model)
+    fc1 = [i for i in infos if i.kind == "matrix" and i.role == "mlp.fc1"]
+    qkv = [i for i in infos if i.kind == "matrix" and i.slices]
+    head = next(i for i in infos if i.kind == "head" and i.is_weight)
+    return fc1, qkv, head
+
+
+def test_packed_nbytes_formula():
+    assert packed_nbytes(8, 1) == 1 + 8
+    assert packed_nbytes(9, 1) == 2 + 8
+    assert packed_nbytes(3, 2) == 1 + 8
+    assert packed_nbytes(3, 4) == 2 + 8
+    assert packed_nbytes(3, 8) == 3 + 8
+    assert packed_nbytes(3, 32) == 12  # float32 as is, no statistics
+    assert head_nbytes(768, 100) == 4 * (768 * 100 + 100)
+    assert head_nbytes(768, 100, bits=1, bias=False) == 768 * 100 // 8 + 8
+
+
+def test_storage_bytes_vit_b16_adaptformer_and_lora_from_shapes(vit_b16):
+    fc1, qkv, head = _vit_shapes(vit_b16)
+    assert len(fc1) == 12 and len(qkv) == 12
+    r = 32
+    # AdaptFormer: down (r × d) and up (d × r) on the MLP input width of every block
+    adaptformer = [((r, i.shape[1]), 1) for i in fc1] + [((i.shape[1], r), 1) for i in fc1]
+    # LoRA on the q and v slices of every fused qkv: A (r × in) and B (rows × r)
+    lora = []
+    for i in qkv:
+        for name in ("q", "v"):
+            lora += [((r, i.shape[1]), 1), ((i.slice(name).rows, r), 1)]
+    assert storage_nbytes(adaptformer) == 73_920
+    assert storage_nbytes(lora) == 147_840
+    d, c = head.shape[1], head.shape[0]
+    assert (d, c) == (768, 100)
+    assert storage_nbytes(adaptformer, head=(d, c)) == 73_920 + 4 * (768 * 100 + 100)
+    assert storage_nbytes(adaptformer, head=(d, c), bi_head=True) == 73_920 + 9_600 + 8
+    # 32-bit adapters store float32 and no statistics
+    assert storage_nbytes([(s, 32) for s, _ in adaptformer]) == 4 * 12 * 2 * 32 * 768
+
+
+# ------------------------------------------------------------------ round trip
+@pytest.mark.parametrize("bits", QBITS + (32,))
+@pytest.mark.parametrize("shape", [(7, 13), (1, 5), (33, 3), (4, 3, 3, 3)])
+def test_pack_quantized_round_trip_is_bit_identical(bits, shape):
+    torch.manual_seed(sum(shape) + bits)
+    w = torch.randn(*shape) * 0.02
+    stored = pack_quantized(w, bits)
+    expected = quantize_ste(w, bits)
+    back = unpack_quantized(stored)
+    assert back.dtype == torch.float32 and back.shape == w.shape
+    assert torch.equal(back, expected)
+    if bits != 32:
+        nbytes = sum(stored[k].numel() * stored[k].element_size() for k in ("codes", "mu", "sigma"))
+        assert nbytes == packed_nbytes(w.numel(), bits)
+        assert stored["codes"].dtype == torch.uint8 and stored["mu"].dtype == torch.float32
+
+
+class _TinyQuantNet(torch.nn.Module):
+    def __init__(self, bits: int):
+        super().__init__()
+        self.body = torch.nn.Linear(10, 16)
+        self.down = QuantLinear(16, 4, bits=bits, bias=False)
+        self.up = QuantLinear(4, 16, bits=bits, bias=False)
+        self.head = QuantLinear(16, 3, bits=bits, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.head(h + self.up(torch.relu(self.down(h))))
+
+
+@pytest.mark.parametrize("bits", QBITS + (32,))
+def test_trained_model_saved_and_reloaded_gives_identical_logits(bits, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(bits)
+    net = _TinyQuantNet(bits)
+    x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)
+    quantised = ("down", "up", "head")
+    tensors = {f"{m}.{k}": v for m in quantised for k, v in pack_quantized(getattr(net, m).weight, bits).items()}
+    save_file(tensors, tmp_path / "delta.safetensors")
+    loaded = load_file(tmp_path / "delta.safetensors")
+
+    fresh = _TinyQuantNet(bits)
+    fresh.body.load_state_dict(net.body.state_dict())
+    for m in quantised:
+        layer = getattr(fresh, m)
+        stored = {k.split(".", 1)[1]: v for k, v in loaded.items() if k.startswith(m + ".")}
+        with torch.no_grad():
+            layer.weight.copy_(unpack_quantized(stored, name=m))
+        layer.bits = 32  # the stored weight is already W_q
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), logits)
+
+
+def test_unpack_quantized_reports_missing_fields():
+    stored = pack_quantized(torch.randn(4, 4), 2)
+    del stored["sigma"]
+    with pytest.raises(KeyError, match="blocks.0.down.*sigma"):
+        unpack_quantized(stored, name="blocks.0.down")
+    stored = pack_quantized(torch.randn(4, 4), 2)
+    stored["codes"] = stored["codes"][:-1]
+    with pytest.raises(ValueError, match="packed bytes"):
+        unpack_quantized(stored)
+
+
+# ------------------------------------------------------------------ layers
+def test_quant_linear_uses_quantized_weight_and_bi_head_copies_the_head():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(12, 5)
+    q = bi_head(head)
+    assert q.bias is None and q.bits == 1
+    assert torch.equal(q.weight, head.weight)
+    x = torch.randn(3, 12)
+    expected = x @ quantize_ste(head.weight, 1).T
+    assert torch.allclose(q(x), expected, atol=1e-6)
+    assert "bits=1" in repr(q)
+    q(x).sum().backward()
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="bits"):
+        QuantLinear(3, 3, bits=5)
