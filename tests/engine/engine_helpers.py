@@ -1,0 +1,56 @@
+"""Shared tiny fixtures for the engine tests: a small ViT and a small random image task."""
+from __future__ import annotations
+
+import timm
+import torch
+from torch.utils.data import Dataset
+
+
+def tiny_vit(num_classes: int = 3, drop_path: float = 0.0, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=num_classes, drop_path_rate=drop_path)
+
+
+def freeze_first_block(model: torch.nn.Module) -> None:
+    """Emulate a plan that leaves part of the model frozen (tests only)."""
+    for name, p in model.named_parameters():
+        if name.startswith(("blocks.0.", "patch_embed.", "cls_token", "pos_embed")):
+            p.requires_grad_(False)
+
+
+class TinyTask(Dataset):
+    """n random 32x32 images with a learnable label (class = brightest third of the image);
+    ``augment`` adds a random flip and noise drawn from the global torch RNG, like a transform."""
+
+    def __init__(self, n: int = 48, num_classes: int = 3, augment: bool = False, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(n, 3, 32, 32, generator=g)
+        self.y = torch.randint(0, num_classes, (n,), generator=g)
+        for i, c in enumerate(self.y.tolist()):
+            self.x[i, :, :, c * 10:(c + 1) * 10] += 1.0
+        self.augment, self.num_classes = augment, num_classes
+        self.class_names = [f"c{i}" for i in range(num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        x = self.x[i]
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                x = x.flip(1)
+            x = x + 0.05 * torch.randn_like(x)
+        return x, self.y[i]
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def same_history(a: list[dict], b: list[dict]) -> None:
+    """Equal metrics apart from wall-clock columns."""
+    skip = {"epoch_seconds", "images_per_s"}
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in skip} == {k: v for k, v in rb.items() if k not in skip}

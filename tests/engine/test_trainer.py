@@ -1,0 +1,163 @@
+"""The training loop: schedule, parameter groups, determinism, precision, non-finite loss."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine_helpers import TinyTask, freeze_first_block, same_history, tiny_vit, trainable
+from sensitune.engine.checkpoint import load_checkpoint
+from sensitune.engine.config import build_config
+from sensitune.engine.trainer import GlobalBatches, DistInfo, NonFiniteLossError, fit, make_scheduler, param_groups
+
+
+def cfg(**kw):
+    base = dict(epochs=2, batch_size=16, lr=1e-3, warmup_epochs=1, progress=False)
+    base.update(kw)
+    return build_config(overrides=base)
+
+
+def test_schedule_warmup_then_cosine_by_hand():
+    c = cfg(epochs=3, lr=0.1, warmup_epochs=1, warmup_lr=0.001, min_lr=0.01)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=c.lr)
+    sched = make_scheduler(opt, c, steps_per_epoch=4)  # 12 steps, 4 of warm-up
+    lrs = []
+    for s in range(12):
+        sched.step_update(s)
+        lrs.append(opt.param_groups[0]["lr"])
+    # warm-up: linear from 0.001 towards 0.1 in 4 steps
+    assert lrs[:4] == pytest.approx([0.001, 0.001 + 0.099 / 4, 0.001 + 2 * 0.099 / 4, 0.001 + 3 * 0.099 / 4])
+    # cosine over the remaining 8 steps: t = s - 4
+    assert lrs[4] == pytest.approx(0.1)
+    assert lrs[8] == pytest.approx(0.01 + 0.5 * 0.09 * (1 + math.cos(math.pi * 4 / 8)))  # halfway: 0.055
+    assert lrs[8] == pytest.approx(0.055)
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] > 0.01
+
+
+def test_param_groups_exempt_vectors_and_skip_frozen():
+    model = tiny_vit()
+    freeze_first_block(model)
+    groups = param_groups(model, 0.05)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    decayed = {by_id[id(p)] for p in groups[0]["params"]}
+    plain = {by_id[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert "blocks.1.attn.qkv.weight" in decayed and "head.weight" in decayed
+    assert "blocks.1.attn.qkv.bias" in plain and "blocks.1.norm1.weight" in plain and "norm.bias" in plain
+    assert not any(n.startswith("blocks.0.") for n in decayed | plain)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | plain == expected and not decayed & plain
+
+
+def test_global_batches_split_one_order_across_ranks():
+    one = GlobalBatches(20, 8, seed=3, drop_last=False, info=DistInfo())
+    two = [GlobalBatches(20, 8, seed=3, drop_last=False, info=DistInfo(r, 2, r)) for r in range(2)]
+    for s in [one, *two]:
+        s.epoch = 1
+    b1 = list(one)
+    b2 = [list(s) for s in two]
+    assert [len(b) for b in b1] == [8, 8, 4]
+    for k, batch in enumerate(b1):
+        assert b2[0][k] + b2[1][k] == batch  # the same global batch, split in rank order
+    assert sorted(i for b in b1 for i in b) == list(range(20))
+    one.epoch = 2
+    assert list(one) != b1  # reshuffled every epoch
+    one.skip = 1
+    one.epoch = 1
+    assert list(one) == b1[1:]
+    with pytest.raises(ValueError, match="divisible"):
+        GlobalBatches(20, 7, seed=0, drop_last=True, info=DistInfo(0, 2, 0))
+
+
+def test_frozen_tensors_stay_bit_exact_and_trainable_ones_move():
+    model = tiny_vit()
+    freeze_first_block(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(model, TinyTask(32), cfg(weight_decay=0.1), log=lambda s: None)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n
+
+
+def test_seeded_runs_are_identical_and_seeds_matter():
+    runs = []
+    for seed in (0, 0, 1):
+        model = tiny_vit(drop_path=0.1)
+        r = fit(model, TinyTask(32, augment=True), cfg(seed=seed), log=lambda s: None)
+        runs.append((trainable(model), r.history))
+    for n in runs[0][0]:
+        assert torch.equal(runs[0][0][n], runs[1][0][n]), n
+    same_history(runs[0][1], runs[1][1])
+    assert any(not torch.equal(runs[0][0][n], runs[2][0][n]) for n in runs[0][0])
+
+
+def test_training_learns_the_tiny_task():
+    model = tiny_vit()
+    r = fit(model, TinyTask(48), cfg(epochs=6, lr=1e-3), log=lambda s: None)
+    assert r.history[-1]["train_loss"] < 0.7 * r.history[0]["train_loss"]
+    assert r.history[-1]["train_acc"] > 60  # chance is 33 %
+    assert [h["step"] for h in r.history] == [3 * (e + 1) for e in range(6)]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_epoch_loss_is_the_mean_cross_entropy_with_label_smoothing(smoothing):
+    # with a vanishing lr the weights do not move, so the epoch loss is the initial model's mean loss
+    data = TinyTask(32)
+    model = tiny_vit()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(data.x), data.y, label_smoothing=smoothing).item()
+    r = fit(model, data, cfg(epochs=1, lr=1e-12, warmup_lr=1e-12, min_lr=0, label_smoothing=smoothing),
+            log=lambda s: None)
+    assert r.history[0]["train_loss"] == pytest.approx(expected, rel=1e-4)
+    assert r.history[0]["images"] == 32
+
+
+def test_bf16_autocast_runs_on_cpu_and_fp16_needs_cuda():
+    model = tiny_vit()
+    r = fit(model, TinyTask(32), cfg(epochs=1, precision="bf16"), log=lambda s: None)
+    assert math.isfinite(r.history[0]["train_loss"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+            fit(tiny_vit(), TinyTask(32), cfg(epochs=1, precision="fp16"), log=lambda s: None)
+
+
+class PoisonAfter(TinyTask):
+    """Returns a NaN image once ``bad_epoch`` starts (the dataset learns the epoch via a counter)."""
+
+    def __init__(self, poison_from: int, **kw):
+        super().__init__(**kw)
+        self.calls, self.poison_from = 0, poison_from
+
+    def __getitem__(self, i):
+        self.calls += 1
+        x, y = super().__getitem__(i)
+        return (x * float("nan"), y) if self.calls > self.poison_from else (x, y)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    model = tiny_vit()
+    data = PoisonAfter(poison_from=32 + 16, n=32)  # epoch 1 clean, epoch 2 step 2 poisoned
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* epoch 2, step 2") as err:
+        fit(model, data, cfg(epochs=3), out_dir=tmp_path, log=lambda s: None)
+    assert "last good checkpoint is kept" in str(err.value)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0 and len(ckpt["history"]) == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    # the step that saw the NaN never reached the weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_no_trainable_parameter_is_an_error():
+    model = tiny_vit()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        fit(model, TinyTask(16), cfg(epochs=1), log=lambda s: None)
+
+
+def test_too_few_samples_for_a_full_batch_is_an_error():
+    with pytest.raises(ValueError, match="no full batch"):
+        fit(tiny_vit(), TinyTask(8), cfg(epochs=1, batch_size=16), log=lambda s: None)
