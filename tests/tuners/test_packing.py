@@ -54,3 +54,18 @@ def test_bad_input_is_refused():
         pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="need 2 packed bytes"):
         unpack_bits(torch.zeros(3, dtype=torch.uint8), 1, 9)
+
+
+@pytest.mark.parametrize("bits", (1, 2, 4))
+@pytest.mark.parametrize("count", (1, 7, 9, 33, 1001))
+def test_torch_and_numpy_backends_agree(bits, count):
+    """The torch path (used off-CPU) and the numpy path (CPU) produce the same bytes and codes."""
+    from sensitune.tuners import packing
+
+    g = torch.Generator().manual_seed(count + bits)
+    codes = torch.randint(0, 2**bits, (count,), generator=g, dtype=torch.uint8)
+    per = 8 // bits
+    padded = torch.cat([codes, codes.new_zeros((-count) % per)])
+    via_torch = packing._pack_torch(padded, bits)
+    assert torch.equal(via_torch, pack_bits(codes, bits))
+    assert torch.equal(packing._unpack_torch(via_torch, bits, count), codes)
