@@ -305,3 +305,23 @@ def test_quant_linear_uses_quantized_weight_and_bi_head_copies_the_head():
     assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="bits"):
         QuantLinear(3, 3, bits=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bits", QBITS)
+def test_dtype_is_kept_and_codes_reproduce_the_forward_in_that_dtype(dtype, bits):
+    torch.manual_seed(bits)
+    w = torch.randn(24, 5, 3, dtype=dtype)  # any shape: conv LoRA factors are 4-D, this is 3-D
+    out = quantize_ste(w, bits)
+    assert out.dtype == dtype and out.shape == w.shape
+    codes, mu, sigma = quantize_codes(w, bits)
+    assert mu.dtype == dtype and codes.shape == w.shape
+    assert torch.equal(dequantize(codes.reshape(-1), mu, sigma, bits, w.shape), out)
+
+
+def test_dequantize_rejects_bad_codes():
+    mu, sigma = torch.tensor(0.0), torch.tensor(1.0)
+    with pytest.raises(ValueError, match="out of range for 2 bits"):
+        dequantize(torch.tensor([0, 4], dtype=torch.uint8), mu, sigma, 2)
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize(torch.tensor([0, 1]), mu, sigma, 2)
