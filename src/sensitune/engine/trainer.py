@@ -349,7 +349,9 @@ def fit(
             items.epoch = sampler.epoch = epoch
             sampler.skip = skip
             global_sizes = [len(b) for b in sampler.global_batches()][skip:]
-            loader = DataLoader(items, batch_sampler=sampler, **loader_kw)
+            # own generator: creating the iterator must not draw from the global RNG (exact resume)
+            loader = DataLoader(items, batch_sampler=sampler, generator=torch.Generator().manual_seed(epoch),
+                                **loader_kw)
             net.train()
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
