@@ -81,3 +81,10 @@ def test_lite2_input_size_and_override():
     assert data_config(model, img_size=96, mean=(0.1, 0.2, 0.3))["mean"] == (0.1, 0.2, 0.3)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
     assert data_config(create_backbone("efficientnet_lite2", 3, pretrained="none"))["input_size"] == (3, 260, 260)
+
+
+def test_lukemelas_checkpoint_file_is_renamed(lite0):
+    """A user's own .pth in the EfficientNet-PyTorch naming loads like the package weights."""
+    model = create_backbone("efficientnet_lite0", num_classes=None, pretrained=str(lite.weights_path(0)))
+    ref = lite0.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())

