@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--slow", type=float, default=0.0)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--checkpoint-every", type=int, default=1)
     ap.add_argument("--drop-path", type=float, default=0.1)
     ap.add_argument("--augment", action="store_true")
@@ -47,7 +47,7 @@ def main() -> None:
     freeze_first_block(model)
     cfg = build_config(overrides=dict(epochs=a.epochs, batch_size=a.batch, lr=1e-3, warmup_epochs=1,
                                       checkpoint_every=a.checkpoint_every, progress=False, weight_decay=0.05))
-    r = fit(model, Slow(a.slow, n=a.n, augment=a.augment), cfg, out_dir=a.out, resume=True, log=lambda s: None)
+    r = fit(model, Slow(a.slow, n=a.samples, augment=a.augment), cfg, out_dir=a.out, resume=True, log=lambda s: None)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(state, str(Path(a.out) / "final.safetensors"))
