@@ -70,3 +70,11 @@ def test_data_config_and_errors(hf_dir, tmp_path):
         create_backbone(f"hf:{tmp_path / 'no_such_dir'}", num_classes=4)
     with pytest.raises(ValueError, match="pretrained must be 'auto'"):
         create_backbone(f"hf:{folder}", num_classes=4, pretrained="none")
+
+
+def test_config_overrides_reach_the_model_and_timm_options_are_refused(hf_dir):
+    folder, _ = hf_dir
+    model = create_backbone(f"hf:{folder}", num_classes=4, hidden_dropout_prob=0.25)
+    assert model.hf.config.hidden_dropout_prob == 0.25
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        create_backbone(f"hf:{folder}", num_classes=4, drop_path_rate=0.1)

@@ -94,6 +94,9 @@ def create_backbone(name: str, num_classes: int | None, pretrained: str = "auto"
     if not isinstance(pretrained, str):
         pretrained = str(pretrained)
     if name.startswith(HF_PREFIX):
+        if drop_path_rate:
+            raise ValueError(f"{name}: drop_path_rate is a timm option; for Hugging Face models pass the "
+                             f"model's own config field as a keyword instead (e.g. hidden_dropout_prob=0.1)")
         return _create_hf(name, num_classes, pretrained, img_size, **timm_kwargs)
 
     timm_name = resolve_name(name)
