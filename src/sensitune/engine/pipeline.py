@@ -1,0 +1,394 @@
+"""``train()``: one call from a model name and a task to a trained, evaluated, saved run.
+
+score (when the method needs scores) -> plan -> apply -> fit -> evaluate -> save; every stage
+writes its output into the run folder, so a run can be inspected, resumed or re-evaluated:
+
+    run.json            what this run is (model, task, method, budget, settings)
+    scores.safetensors  the scorer's output (methods with a scorer)
+    plan.json (+ .safetensors for sparse indices)
+    checkpoints/last.pt trainable state + optimizer + scheduler + RNG + position (atomic)
+    metrics.csv         one row per epoch
+    eval_<split>_confusion.csv / .png
+    delta/              the task delta (``sensitune.artifacts.save_delta``)
+    results.json        accuracy, trainable parameters with/without head, bytes, time, memory, images/s
+
+Protocol: ``protocol="val"`` (default) trains on train800 and evaluates val200 — the split used
+to select hyper-parameters; ``protocol="final"`` trains on train800val200 and reports test.
+Scores are computed on the training split only, so nothing is ever selected on test.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from sensitune.engine.checkpoint import atomic_write_text, load_checkpoint, load_trainable_state
+from sensitune.engine.config import TrainConfig, build_config
+from sensitune.engine.evaluate import evaluate_model
+from sensitune.engine.trainer import distributed, fit, peak_memory_mb, resolve_device
+from sensitune.methods import Method, get_method
+
+RUN_FORMAT = "sensitune-run/1"
+#: what must be equal for --resume to continue a run
+IDENTITY_KEYS = ("model", "task", "method", "budget")
+
+
+# -- run folder ------------------------------------------------------------------------------------
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+def prepare_run_dir(out: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+    """Check ``out`` may hold this run; returns True when an earlier attempt is to be resumed.
+
+    A folder holding another run is refused unless ``resume`` (same run: continue) or
+    ``overwrite`` (start again); a non-empty folder that is not a run is never touched.
+    """
+    if resume and overwrite:
+        raise ValueError("choose either resume or overwrite, not both")
+    marker = out / "run.json"
+    if not out.exists():
+        if resume:
+            raise FileNotFoundError(f"cannot resume: {out} does not exist")
+        return False
+    if not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a folder")
+    if not marker.is_file():
+        if any(out.iterdir()):
+            raise ValueError(f"output folder {out} is not empty and holds no sensitune run; choose a new folder")
+        if resume:
+            raise FileNotFoundError(f"cannot resume: {out} holds no run")
+        return False
+    if overwrite:
+        for child in out.iterdir():  # only a folder we recognise as a run is cleared
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return False
+    if not resume:
+        raise ValueError(f"output folder {out} already holds a run ({marker}); pass --resume to continue it "
+                         f"or --overwrite to start again")
+    previous = read_json(marker)
+    diff = [f"{k}: was {previous.get(k)!r}, now {identity.get(k)!r}" for k in IDENTITY_KEYS
+            if previous.get(k) != identity.get(k)]
+    if diff:
+        raise ValueError(f"cannot resume {out}: it holds a different run (" + "; ".join(diff) + ")")
+    return True
+
+
+# -- stages ------------------------------------------------------------------------------------------
+def _open_splits(task: Any, cfg: TrainConfig, model: nn.Module, train_split: str, eval_split: str,
+                 log: Callable[[str], None]) -> tuple[Dataset, Dataset, Dataset, dict[str, Any]]:
+    """(train data with training transform, train data with eval transform, eval data, task facts)."""
+    from sensitune.data import build_transform, open_task, resolve_task
+    from sensitune.models import data_config
+
+    img_size = cfg.img_size
+    dc = data_config(model, img_size)
+    train_tf = build_transform(dc, img_size=img_size, train=True, augment=cfg.augment)
+    eval_tf = build_transform(dc, img_size=img_size, train=False)
+    train = open_task(task, train_split, transform=train_tf, data_root=cfg.data_root)
+    train_plain = open_task(task, train_split, transform=eval_tf, data_root=cfg.data_root, verify=False)
+    ev = open_task(task, eval_split, transform=eval_tf, data_root=cfg.data_root)
+    facts = {"name": train.name, "group": train.group, "num_classes": train.num_classes,
+             "class_names": list(train.class_names), "root": str(train.root),
+             "sizes": {train_split: len(train), eval_split: len(ev)}, "data_config": dc}
+    return train, train_plain, ev, facts
+
+
+def _task_facts(task: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """Class count and whether the task is a built-in mini task, before the model exists."""
+    from sensitune.data import DEFAULT_MINI_IMG_SIZE, open_task, resolve_task
+
+    _, _, builtin = resolve_task(task, data_root=cfg.data_root)
+    probe = open_task(task, cfg.splits()[0], data_root=cfg.data_root, verify=False)
+    return {"num_classes": probe.num_classes, "builtin": builtin, "mini_img_size": DEFAULT_MINI_IMG_SIZE}
+
+
+def _build_model(model: str | nn.Module, num_classes: int, cfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
+    if isinstance(model, nn.Module):
+        out = _head_size(model)
+        if out is not None and out != num_classes:
+            raise ValueError(f"the given model's head has {out} outputs but the task has {num_classes} classes")
+        return model, dict(getattr(model, "sensitune_source", {}) or {"name": type(model).__name__})
+    from sensitune.models import create_backbone
+
+    net = create_backbone(model, num_classes, pretrained=cfg.pretrained, img_size=cfg.img_size,
+                          drop_path_rate=cfg.drop_path)
+    return net, dict(getattr(net, "sensitune_source", {}) or {"name": model})
+
+
+def _head_size(model: nn.Module) -> int | None:
+    from sensitune.models import find_head
+
+    name = find_head(model)
+    head = dict(model.named_modules()).get(name) if name else None
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+def _no_decay_from_plan(model: nn.Module) -> Callable[[str, nn.Parameter], bool]:
+    """Exempt from weight decay what the plan calls ``bias`` or ``sparse`` (plus every 1-D tensor)."""
+    roles: dict[str, str] = {}
+    try:
+        from sensitune.tuners.apply import trainable_parameters
+
+        roles = {name: role for name, _, role in trainable_parameters(model)}
+    except (ImportError, ValueError):
+        pass
+    return lambda name, p: roles.get(name) in ("bias", "sparse")
+
+
+def _save_delta(model: nn.Module, out: Path, meta: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    try:
+        from sensitune.artifacts import save_delta
+    except ImportError:
+        log("delta: sensitune.artifacts.save_delta is not available yet; skipped (the checkpoint holds the weights)")
+        return {"delta": None}
+    path = save_delta(model, out / "delta", meta=meta)
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return {"delta": str(Path(path).relative_to(out)), "delta_bytes_on_disk": size}
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
+def train(
+    model: str | nn.Module,
+    task: str | Path,
+    method: str | Method,
+    out: str | Path,
+    budget: int | float | str | None = None,
+    config: str | Path | Mapping[str, Any] | TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Score, plan, apply, train, evaluate and save one run into ``out``; return results.json.
+
+    ``model``: a backbone name for :func:`sensitune.models.create_backbone` or a module whose
+    head already matches the task. ``task``: a built-in task name or a task folder.
+    ``method``: a preset of :mod:`sensitune.methods`; ``budget`` only for budgeted methods.
+    ``config``: YAML file, recipe name (``paper``, ``mini``) or mapping; ``overrides``: any
+    :class:`TrainConfig` key (e.g. ``epochs=5, lr=1e-3, protocol="final"``).
+    The returned dict holds ``accuracy`` (top-1 % on the eval split), ``eval_loss``,
+    ``train_loss`` and the other results (see module docstring).
+    """
+    t0 = time.perf_counter()
+    m = get_method(method)
+    budget = m.check_budget(budget)
+    cfg = build_config(m.train, config, overrides)
+    out = Path(out)
+    info = distributed(cfg.device)
+    stage_seconds: dict[str, float] = {}
+
+    facts = _task_facts(task, cfg)
+    if cfg.img_size is None and facts["builtin"]:
+        cfg.img_size = facts["mini_img_size"]  # the built-in tasks are small images
+    train_split, eval_split = cfg.splits()
+    identity = {"format": RUN_FORMAT, "model": model if isinstance(model, str) else type(model).__name__,
+                "task": str(task), "method": m.name, "budget": budget}
+    resuming = prepare_run_dir(out, identity, resume=resume, overwrite=overwrite) if info.is_main else resume
+    if info.world > 1:
+        torch.distributed.barrier()
+    if resuming and (out / "results.json").is_file():
+        log(f"{out}: run already complete; returning its results")
+        return read_json(out / "results.json")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", {**identity, "config": cfg.to_dict(), "splits": [train_split, eval_split],
+                                      "world_size": info.world})
+
+    # model and data
+    t = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # a fresh head / random init is part of the run's seed
+    net, source = _build_model(model, facts["num_classes"], cfg)
+    from sensitune.models import weights_fingerprint
+
+    base_fingerprint = weights_fingerprint(net)
+    train_data, train_plain, eval_data, task_info = _open_splits(task, cfg, net, train_split, eval_split, log)
+    device = resolve_device(cfg.device, info.local_rank)
+    net.to(device)
+    stage_seconds["setup"] = time.perf_counter() - t
+
+    # score
+    scores = None
+    if m.scorer is not None:
+        t = time.perf_counter()
+        scores_path = out / "scores.safetensors"
+        from sensitune.scoring import ScoreMap, score
+
+        if resuming and scores_path.is_file():
+            scores = ScoreMap.load(scores_path)
+            log(f"scores: reusing {scores_path}")
+        else:
+            opts = {**m.score_options, "seed": cfg.seed, "progress": cfg.progress and info.is_main}
+            if cfg.score_batches is not None:
+                opts["batches"] = cfg.score_batches
+            if cfg.score_batch_size is not None:
+                opts["batch_size"] = cfg.score_batch_size
+            log(f"scores: {m.scorer} on {task_info['name']}/{train_split}")
+            scores = score(net, train_plain, m.scorer, **opts)
+            if info.is_main:
+                scores.save(scores_path)
+        stage_seconds["score"] = time.perf_counter() - t
+
+    # plan and apply
+    t = time.perf_counter()
+    from sensitune.planning import Plan, make_plan
+    from sensitune.tuners import apply_plan
+
+    plan_path = out / "plan.json"
+    if resuming and plan_path.is_file():
+        plan = Plan.load(plan_path)
+        log(f"plan: reusing {plan_path}")
+    else:
+        plan = make_plan(net, scores, m.plan, budget=budget, **{**m.plan_options, **cfg.method_options})
+        if info.is_main:
+            plan.save(plan_path)
+    apply_plan(net, plan)
+    trainable_now = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    if info.is_main:
+        log(plan.summary())
+    stage_seconds["plan"] = time.perf_counter() - t
+
+    # train
+    t = time.perf_counter()
+    fitted = fit(net, train_data, cfg, out_dir=out, eval_data=eval_data, resume=resuming,
+                 no_decay=_no_decay_from_plan(net), log=log)
+    stage_seconds["train"] = time.perf_counter() - t
+
+    # evaluate and save (rank 0)
+    results: dict[str, Any] = {}
+    if info.is_main:
+        t = time.perf_counter()
+        ev = evaluate_model(net, eval_data, batch_size=cfg.eval_batch_size or cfg.batch_size, device=device,
+                            precision=cfg.precision, num_workers=cfg.num_workers, out=out, prefix=f"eval_{eval_split}_")
+        stage_seconds["evaluate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        delta = _save_delta(net, out, {"class_names": task_info["class_names"], "data_config": task_info["data_config"],
+                                       "backbone": {**source, "img_size": cfg.img_size},
+                                       "base_fingerprint": base_fingerprint}, log)
+        stage_seconds["save"] = time.perf_counter() - t
+        last = fitted.history[-1]
+        results = {
+            "format": "sensitune-results/1",
+            "status": "complete",
+            **{k: identity[k] for k in IDENTITY_KEYS},
+            "task_name": task_info["name"], "group": task_info["group"], "num_classes": task_info["num_classes"],
+            "protocol": cfg.protocol, "train_split": train_split, "eval_split": eval_split,
+            "accuracy": ev["accuracy"], "eval_loss": ev["loss"], "eval_samples": ev["num_samples"],
+            "per_class_accuracy": ev["per_class_accuracy"],
+            "train_loss": last["train_loss"], "train_accuracy": last["train_acc"],
+            "epochs": cfg.epochs, "steps": fitted.global_step, "lr": cfg.lr, "seed": cfg.seed,
+            "trainable_params": plan.num_trainable(True),
+            "trainable_params_without_head": plan.num_trainable(False),
+            "trainable_params_measured": trainable_now,
+            "backbone_params": plan.backbone_params,
+            "plan_mix": plan.mix(),
+            "bytes_estimate": plan.nbytes(True), "bytes_estimate_without_head": plan.nbytes(False),
+            **delta,
+            "wall_seconds": time.perf_counter() - t0,
+            "train_seconds": fitted.train_seconds,
+            "stage_seconds": stage_seconds,
+            "images_per_s": fitted.images_per_s,
+            **peak_memory_mb(device),
+            "resumed_from": fitted.resumed_from,
+            "device": str(device), "world_size": info.world, "precision": cfg.precision,
+            "model_source": source, "base_fingerprint": base_fingerprint,
+            "img_size": cfg.img_size or task_info["data_config"]["input_size"][-1],
+            "config": cfg.to_dict(),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        }
+        write_json(out / "results.json", results)
+        log(f"{task_info['name']} {m.name}: {eval_split} accuracy {ev['accuracy']:.2f}% "
+            f"({results['trainable_params_without_head']:,} trainable without head) -> {out}")
+    if info.world > 1:
+        obj = [results]
+        torch.distributed.broadcast_object_list(obj, src=0)
+        results = obj[0]
+    return results
+
+
+# -- evaluation of a saved run ---------------------------------------------------------------------
+def load_run_model(run: str | Path, device: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained model of a run folder: backbone + plan + trained tensors of its checkpoint."""
+    run = Path(run)
+    marker = run / "run.json"
+    if not marker.is_file():
+        raise FileNotFoundError(f"{run} is not a sensitune run folder (no run.json)")
+    meta = read_json(marker)
+    ckpt_path = run / "checkpoints" / "last.pt"
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"{run} has no checkpoint yet ({ckpt_path})")
+    if not isinstance(meta.get("model"), str):
+        raise ValueError(f"{run} was trained from a model object, not a backbone name; rebuild it yourself "
+                         f"and call evaluate(model, data)")
+    cfg = build_config(config=meta["config"])
+    from sensitune.models import create_backbone
+    from sensitune.planning import Plan
+    from sensitune.tuners import apply_plan
+
+    plan = Plan.load(run / "plan.json")
+    from sensitune.data import open_task
+
+    num_classes = open_task(meta["task"], cfg.splits()[0], data_root=cfg.data_root, verify=False).num_classes
+    net = create_backbone(meta["model"], num_classes, pretrained=cfg.pretrained, img_size=cfg.img_size,
+                          drop_path_rate=cfg.drop_path)
+    apply_plan(net, plan)
+    load_trainable_state(net, load_checkpoint(ckpt_path)["model"], str(ckpt_path))
+    net.to(resolve_device(device))
+    return net, {**meta, "cfg": cfg}
+
+
+def evaluate_run(run: str | Path, split: str = "test", *, device: str = "auto", batch_size: int | None = None,
+                 data_root: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate a run folder's trained model on ``split``; writes ``eval_<split>.json`` and confusion files."""
+    from sensitune.data import build_transform, open_task
+    from sensitune.models import data_config
+
+    run = Path(run)
+    net, meta = load_run_model(run, device)
+    cfg: TrainConfig = meta["cfg"]
+    root = data_root if data_root is not None else cfg.data_root
+    tf = build_transform(data_config(net, cfg.img_size), img_size=cfg.img_size, train=False)
+    data = open_task(meta["task"], split, transform=tf, data_root=root)
+    res = evaluate_model(net, data, batch_size=batch_size or cfg.eval_batch_size or cfg.batch_size,
+                         precision=cfg.precision, out=run, prefix=f"eval_{split}_")
+    res = {"run": str(run), "split": split, "task": meta["task"], "method": meta["method"], **res}
+    write_json(run / f"eval_{split}.json", res)
+    log(f"{run}: {split} accuracy {res['accuracy']:.2f}% on {res['num_samples']} images")
+    return res
+
+
+def evaluate(model: nn.Module | str | Path, data: Dataset | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``evaluate(model, data, ...)`` scores a model on a dataset (:func:`evaluate_model`);
+    ``evaluate("runs/x", split="test")`` re-evaluates a run folder (:func:`evaluate_run`)."""
+    if isinstance(model, (str, Path)):
+        if data is not None:
+            raise ValueError("evaluate(run_folder, ...) takes split=..., not a dataset")
+        return evaluate_run(model, **kwargs)
+    if data is None:
+        raise ValueError("evaluate(model, data): data is required")
+    return evaluate_model(model, data, **kwargs)
