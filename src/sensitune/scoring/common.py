@@ -228,3 +228,8 @@ def progress(total: int, enabled: bool, desc: str):
 
     rank, _ = distributed()
     return tqdm(total=total, disable=not enabled or rank != 0, desc=desc, unit="batch", leave=False)
+
+
+def acc_dtype(param: torch.Tensor) -> torch.dtype:
+    """Accumulate in float32 at least (half-precision models), float64 for float64 models."""
+    return torch.promote_types(param.dtype, torch.float32)

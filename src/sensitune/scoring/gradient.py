@@ -89,7 +89,8 @@ def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not captured:
             raise ValueError(f"the head {head_name!r} of {type(model).__name__} was not called in forward")
         feats = captured[0]
-    return F.normalize(feats.flatten(1).float(), dim=1)
+    feats = feats.flatten(1)
+    return F.normalize(feats.to(torch.promote_types(feats.dtype, torch.float32)), dim=1)
 
 
 def gps_view_transform(data_config: dict) -> Callable:
@@ -154,7 +155,13 @@ def _default_views(model: nn.Module, dataset: Dataset) -> Callable:
                          "turning one of your items into an augmented, normalised tensor>.")
     from sensitune.models import data_config
 
-    return gps_view_transform(data_config(model))
+    cfg = data_config(model)
+    # A timm ViT built with img_size=... outside create_backbone still reports its pretrained
+    # 224 px config; its patch embedding knows the size it actually accepts.
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if getattr(model, "sensitune_data_config", None) is None and fixed is not None:
+        cfg = data_config(model, img_size=int(fixed[0]) if fixed[0] == fixed[-1] else None)
+    return gps_view_transform(cfg)
 
 
 # --------------------------------------------------------------------------- scorer
@@ -180,7 +187,7 @@ def gps_scores(model: nn.Module, data: Dataset | DataLoader, *, loss: str = "sup
     if loss == "supcon":
         views = view_transform or _default_views(model, source.dataset)
         dataset = TwoViews(source.dataset, views, seed=seed)
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    acc = [torch.zeros_like(p, dtype=common.acc_dtype(p)) for p in params]
     rank, world = common.distributed()
     mine, loader = common.loader_for(source, plan, rank, world, dataset=dataset)
     loss_sum, seen = 0.0, 0
@@ -199,7 +206,7 @@ def gps_scores(model: nn.Module, data: Dataset | DataLoader, *, loss: str = "sup
             else:
                 value = F.cross_entropy(model(x), y)
             grads = torch.autograd.grad(value, params, allow_unused=True)
-            pairs = [(a, g if g.dtype == a.dtype else g.float()) for a, g in zip(acc, grads) if g is not None]
+            pairs = [(a, g.to(a.dtype)) for a, g in zip(acc, grads) if g is not None]
             if pairs:
                 torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
             loss_sum += common.check_loss(value, b, "gps")

@@ -36,7 +36,7 @@ def sensitivity_scores(model: nn.Module, data: Dataset | DataLoader, *, batch_si
     names = [n for n, _ in named]
     params = [p for _, p in named]
     device = params[0].device
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    acc = [torch.zeros_like(p, dtype=common.acc_dtype(p)) for p in params]
     rank, world = common.distributed()
     mine, loader = common.loader_for(source, plan, rank, world)
     loss_sum, seen = 0.0, 0
@@ -68,7 +68,7 @@ def sensitivity_scores(model: nn.Module, data: Dataset | DataLoader, *, batch_si
 
 def _accumulate_squares(acc: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
     """acc += g² for every tensor in one fused ``_foreach_addcmul_`` (unused tensors add nothing)."""
-    pairs = [(a, g if g.dtype == a.dtype else g.float()) for a, g in zip(acc, grads) if g is not None]
+    pairs = [(a, g.to(a.dtype)) for a, g in zip(acc, grads) if g is not None]
     if pairs:
         a, g = zip(*pairs)
         torch._foreach_addcmul_(list(a), list(g), list(g))
