@@ -1,0 +1,592 @@
+"""Task deltas: exactly what a plan trained, safe to load, refusing the wrong base model.
+
+A delta folder holds ``delta.safetensors`` and ``delta.json``. The tensors are only what was
+trained (see :meth:`sensitune.planning.Plan.parameters`):
+
+* sparse units: the values vector, plus the plan's flat indices (``plan::<i>:<target>``) in the
+  narrowest integer dtype that holds the target's numel (uint8 / int16 / int32 / int64);
+* LoRA / adapter / AdaptFormer weights and the head: float32, or for ``bits`` < 32 the
+  bit-packed level codes and μ, σ of :func:`sensitune.tuners.quant.pack_quantized`
+  (``<param>::codes``, ``::mu``, ``::sigma``);
+* full tensors and biases as they are;
+* BatchNorm running statistics (``buffer::<name>``): training in train mode moves them, so they
+  belong to the task (``norm_stats=False`` leaves them out when they were kept frozen).
+
+``delta.json`` carries the plan (units, no indices), the method, the backbone (name, how to get
+its weights, image size), the fingerprint of the base weights the delta relies on (see
+:func:`sensitune.artifacts.merge.base_fingerprint`: every base tensor except the head, the
+tensors the delta replaces in full and BatchNorm statistics), class names, the data
+config, a manifest of every stored tensor (dtype, shape, part), the storage report, the
+sensitune version and the format version. Reading uses safetensors and json only: no pickle,
+so a delta cannot run code.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sensitune.artifacts.merge import base_fingerprint
+from sensitune.artifacts.merge import norm_stats as _norm_stats
+from sensitune.artifacts.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_DTYPES,
+    META_FILE,
+    TENSORS_FILE,
+    AtomicDir,
+    DeltaError,
+    dtype_name,
+    index_bits,
+    index_dtype,
+    json_safe,
+    read_json,
+    tensor_nbytes,
+    write_json_atomic,
+)
+
+#: separators inside stored keys; "::" cannot occur in a torch parameter name
+PLAN_PREFIX = "plan::"
+BUFFER_PREFIX = "buffer::"
+LOWBIT_FIELDS = ("codes", "mu", "sigma")
+
+#: the part of the storage report each role of Plan.parameters() falls into
+_ROLE_PART = {"sparse": "sparse_values", "lora_A": "lora", "lora_B": "lora", "adapter": "adapter",
+              "head": "head", "full": "full", "bias": "bias"}
+
+
+# ----------------------------------------------------------------------------- plan glue
+def _plan_to_record(plan) -> tuple[dict, dict[str, Tensor]]:
+    """The plan as JSON (no indices) and its sparse indices keyed ``plan::<i>:<target>``."""
+    tensors = {}
+    for i, u in enumerate(plan.units):
+        if u.mode == "sparse":
+            tensors[f"{PLAN_PREFIX}{i}:{u.target}"] = u.indices.to(index_dtype(math.prod(u.shape))).contiguous()
+    return plan.to_json(), tensors
+
+
+def _plan_from_record(record: Mapping[str, Any], tensors: Mapping[str, Tensor], where: str):
+    """Rebuild the Plan from delta.json's ``plan`` and the stored indices (checked by Unit)."""
+    from sensitune.planning.plan import Plan, Unit
+
+    units = []
+    for i, d in enumerate(record.get("units", [])):
+        try:
+            idx = None
+            if d["mode"] == "sparse":
+                key = f"{PLAN_PREFIX}{i}:{d['target']}"
+                idx = tensors[key]
+                if idx.dtype not in INDEX_DTYPES:
+                    raise DeltaError(f"{where}: {key} has dtype {dtype_name(idx.dtype)}; indices must be an integer dtype")
+                numel = math.prod(d["shape"])
+                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                    raise DeltaError(f"{where}: {key} has indices out of range [0, {numel}) "
+                                     f"(min {int(idx.min())}, max {int(idx.max())})")
+                if idx.numel() != d.get("nnz", idx.numel()):
+                    raise DeltaError(f"{where}: {key} holds {idx.numel()} indices but the plan says nnz={d['nnz']}")
+                if torch.unique(idx).numel() != idx.numel():
+                    raise DeltaError(f"{where}: {key} has repeated indices")
+                idx = idx.to(torch.int64)
+            units.append(Unit(target=d["target"], mode=d["mode"], shape=tuple(d["shape"]), slice=d.get("slice"),
+                              slice_rows=tuple(d["slice_rows"]) if "slice_rows" in d else None,
+                              rank=int(d.get("rank", 0)), bits=int(d.get("bits", 32)),
+                              scale=float(d.get("scale", 1.0)), dropout=float(d.get("dropout", 0.0)),
+                              drop_path=float(d.get("drop_path", 0.0)), indices=idx))
+        except KeyError as exc:
+            raise DeltaError(f"{where}: plan unit {i} lacks {exc}") from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, DeltaError):
+                raise
+            raise DeltaError(f"{where}: plan unit {i} ({d.get('target')!r}) is invalid: {exc}") from None
+    try:
+        return Plan(method=record["method"], units=units, tensors=record["tensors"], head=record.get("head", []),
+                    budget=record.get("budget"), options=record.get("options", {}), stats=record.get("stats", {}))
+    except KeyError as exc:
+        raise DeltaError(f"{where}: plan lacks {exc}") from None
+
+
+def quantised_params(plan) -> dict[str, int]:
+    """name -> bits of every trained tensor stored as packed low-bit codes.
+
+    Low-bit units quantise their weight matrices (LoRA A and B, adapter/AdaptFormer down and up
+    weights, a k-bit head's weight); adapter biases stay float32 — as in Plan.nbytes.
+    """
+    out: dict[str, int] = {}
+    for u in plan.units:
+        if u.bits >= 32:
+            continue
+        for name, role, _ in u.parameters():
+            if u.mode == "head":
+                if len(u.shape) > 1:
+                    out[name] = u.bits
+            elif role in ("lora_A", "lora_B") or (role == "adapter" and not name.endswith("_b")):
+                out[name] = u.bits
+    return out
+
+
+def _float_plan(plan):
+    """The plan with every unit at bits=32: what a model rebuilt from stored codes runs.
+
+    The stored codes dequantise to exactly the weight the quantised forward used; feeding that
+    weight to a float layer reproduces the trained forward bit for bit (quantising it again
+    would not: its mean and std differ from the latent weight's).
+    """
+    units = [copy.copy(u) for u in plan.units]
+    for u in units:
+        u.bits = 32
+    return plan.with_units(units)
+
+
+# ----------------------------------------------------------------------------- the Delta value
+@dataclass
+class Delta:
+    """A delta read from disk (or about to be written): its metadata and stored tensors."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, Tensor]
+    path: Path | None = None
+    _plan: Any = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else "delta"
+
+    @property
+    def plan(self):
+        if self._plan is None:
+            self._plan = _plan_from_record(self.meta["plan"], self.tensors, self.where)
+        return self._plan
+
+    @property
+    def method(self) -> str:
+        return self.meta.get("method") or self.meta["plan"]["method"]
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.meta.get("class_names")
+        return list(names) if names else [str(i) for i in range(self.num_classes)]
+
+    @property
+    def num_classes(self) -> int:
+        n = self.meta.get("num_classes")
+        if n is None:
+            raise DeltaError(f"{self.where}: delta.json does not record num_classes")
+        return int(n)
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        return self.meta.get("storage", {})
+
+    def params(self) -> dict[str, dict]:
+        """Manifest entries of trained parameters, by parameter name (low-bit fields grouped)."""
+        out: dict[str, dict] = {}
+        for key, info in self.meta["tensors"].items():
+            if "param" in info:
+                out.setdefault(info["param"], {}).setdefault("keys", {})[info.get("field", "value")] = key
+                out[info["param"]].update({k: v for k, v in info.items() if k in ("bits", "param_shape", "role")})
+        return out
+
+    def param_tensor(self, name: str) -> Tensor:
+        """The float value of trained parameter ``name`` (dequantised if stored as codes)."""
+        from sensitune.tuners.quant import unpack_quantized
+
+        entry = self.params().get(name)
+        if entry is None:
+            raise DeltaError(f"{self.where}: no stored tensor for parameter {name!r}")
+        keys = entry["keys"]
+        if "value" in keys:
+            return self.tensors[keys["value"]]
+        stored = {f: self.tensors[keys[f]] for f in LOWBIT_FIELDS}
+        stored["shape"] = torch.tensor(entry["param_shape"], dtype=torch.int64)
+        stored["bits"] = torch.tensor([entry["bits"]], dtype=torch.int64)
+        try:
+            return unpack_quantized(stored, name=f"{self.where}: {name}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeltaError(f"{self.where}: stored codes of {name!r} are invalid: {exc}") from None
+
+
+def resolve_delta_dir(path: str | os.PathLike) -> Path:
+    """A delta folder, or a run folder holding one (``<run>/delta``), as a Path."""
+    p = Path(path)
+    if (p / META_FILE).is_file():
+        return p
+    if (p / "delta" / META_FILE).is_file():
+        return p / "delta"
+    if not p.exists():
+        raise FileNotFoundError(f"delta folder {p} does not exist")
+    raise FileNotFoundError(f"{p} holds no {META_FILE} (nor {p / 'delta' / META_FILE}): not a delta or run folder")
+
+
+def read_delta(path: str | os.PathLike) -> Delta:
+    """Read and check a delta folder: format, manifest vs stored keys, dtypes and shapes."""
+    folder = resolve_delta_dir(path)
+    meta = read_json(folder / META_FILE)
+    if meta.get("format") != FORMAT_NAME:
+        raise DeltaError(f"{folder / META_FILE}: not a sensitune delta (format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DeltaError(f"{folder / META_FILE}: delta format version {meta.get('format_version')!r} is not "
+                         f"supported (this sensitune reads version {FORMAT_VERSION})")
+    for key in ("plan", "tensors", "base_fingerprint"):
+        if key not in meta:
+            raise DeltaError(f"{folder / META_FILE}: missing {key!r}")
+    tfile = folder / TENSORS_FILE
+    if not tfile.is_file():
+        raise FileNotFoundError(f"{tfile} is missing")
+    try:
+        tensors = load_file(str(tfile))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DeltaError(f"{tfile}: not a readable safetensors file ({exc})") from None
+    manifest: dict[str, dict] = meta["tensors"]
+    missing = sorted(set(manifest) - set(tensors))
+    extra = sorted(set(tensors) - set(manifest))
+    if missing:
+        raise DeltaError(f"{tfile}: missing tensor(s) {missing[:5]} listed in {META_FILE}")
+    if extra:
+        raise DeltaError(f"{tfile}: unexpected tensor(s) {extra[:5]} not listed in {META_FILE}")
+    for key, info in manifest.items():
+        t = tensors[key]
+        if dtype_name(t.dtype) != info.get("dtype"):
+            raise DeltaError(f"{tfile}: tensor {key!r} has dtype {dtype_name(t.dtype)}, {META_FILE} says {info.get('dtype')}")
+        if list(t.shape) != list(info.get("shape", [])):
+            raise DeltaError(f"{tfile}: tensor {key!r} has shape {list(t.shape)}, {META_FILE} says {info.get('shape')}")
+    return Delta(meta=meta, tensors=tensors, path=folder)
+
+
+# ----------------------------------------------------------------------------- storage report
+def _minimum_bytes(info: Mapping[str, Any], t: Tensor) -> float:
+    """Least bytes the information in one stored tensor needs (before per-file overheads)."""
+    part = info["part"]
+    if part == "sparse_indices":
+        return t.numel() * index_bits(int(info["target_numel"])) / 8
+    if part == "lowbit_codes":
+        return math.prod(info["param_shape"]) * int(info["bits"]) / 8
+    return float(tensor_nbytes(t))
+
+
+def storage_report(manifest: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, Tensor],
+                   file_bytes: int | None = None) -> dict[str, Any]:
+    """Bytes by part, stored vs the theoretical minimum (values + index bits + packed codes)."""
+    by_part: dict[str, dict[str, float]] = {}
+    for key, info in manifest.items():
+        t = tensors[key]
+        row = by_part.setdefault(info["part"], {"tensors": 0, "stored_bytes": 0, "minimum_bytes": 0.0})
+        row["tensors"] += 1
+        row["stored_bytes"] += tensor_nbytes(t)
+        row["minimum_bytes"] += _minimum_bytes(info, t)
+    for row in by_part.values():
+        row["minimum_bytes"] = math.ceil(row["minimum_bytes"])
+    payload = sum(r["stored_bytes"] for r in by_part.values())
+    minimum = sum(r["minimum_bytes"] for r in by_part.values())
+    report: dict[str, Any] = {"by_part": by_part, "tensor_bytes": payload, "minimum_bytes": minimum}
+    if file_bytes is not None:
+        report["safetensors_bytes"] = file_bytes
+        report["safetensors_header_bytes"] = file_bytes - payload
+    return report
+
+
+def format_storage(report: Mapping[str, Any]) -> str:
+    """A small table of the storage report (what ``sensitune export`` prints)."""
+    lines = [f"{'part':<16}{'tensors':>8}{'stored B':>12}{'minimum B':>12}"]
+    for part, row in sorted(report["by_part"].items()):
+        lines.append(f"{part:<16}{row['tensors']:>8}{row['stored_bytes']:>12,}{row['minimum_bytes']:>12,}")
+    lines.append(f"{'tensors total':<24}{report['tensor_bytes']:>12,}{report['minimum_bytes']:>12,}")
+    if "on_disk_bytes" in report:
+        ratio = report["on_disk_bytes"] / max(1, report["minimum_bytes"])
+        lines.append(f"on disk: {report['on_disk_bytes']:,} B (safetensors {report['safetensors_bytes']:,} incl. "
+                     f"{report['safetensors_header_bytes']:,} header, json {report['json_bytes']:,}) = "
+                     f"{ratio:.2f}x the minimum of {report['minimum_bytes']:,} B")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- save
+def _model_plan(model: nn.Module, plan):
+    from sensitune.tuners import applied_plan
+
+    # a reloaded low-bit delta runs a float copy of its plan; the recorded original keeps the bits
+    plan = plan if plan is not None else (model.__dict__.get("sensitune_plan") or applied_plan(model))
+    if plan is None:
+        raise ValueError("save_delta needs the plan the model was tuned with: pass plan=... "
+                         "(or tune the model with sensitune.apply_plan, which records it)")
+    return plan
+
+
+def _source(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """How to rebuild the base: backbone name, the ``pretrained`` argument, image size."""
+    src = dict(getattr(model, "sensitune_source", None) or {})
+    backbone = dict(meta.get("backbone") or {})
+    weights = str(src.get("pretrained", backbone.get("weights", "unknown")))
+    if "pretrained" not in backbone:
+        if weights == "none":
+            backbone["pretrained"] = "none"
+        elif Path(weights).is_absolute() and Path(weights).exists():
+            backbone["pretrained"] = weights
+        elif weights.startswith("hf:") or str(src.get("name", "")).startswith("hf:"):
+            backbone["pretrained"] = "auto"
+        else:
+            backbone["pretrained"] = "auto" if weights != "unknown" else None
+    backbone.setdefault("name", src.get("requested") or src.get("name"))
+    backbone.setdefault("timm_name", src.get("name"))
+    backbone.setdefault("weights", weights)
+    dcfg = meta.get("data_config") or getattr(model, "sensitune_data_config", None)
+    if "img_size" not in backbone and dcfg:
+        backbone["img_size"] = int(dcfg["input_size"][-1])
+    return backbone
+
+
+def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Mapping[str, Any] | None = None,
+               norm_stats: bool | None = None) -> Path:
+    """Write what ``plan`` trained in ``model`` to the folder ``path`` (atomically) and return it.
+
+    ``plan``: the Plan applied to ``model`` (default: the one apply_plan recorded on it).
+    ``meta``: optional facts to record — ``class_names``, ``data_config``, ``backbone`` (name,
+    pretrained, img_size), and anything else JSON-able (kept under ``extra``).
+    ``norm_stats``: store BatchNorm running statistics (default True; they belong to the task
+    when training ran BatchNorm in train mode). Pass False if they were kept frozen.
+    """
+    from sensitune import __version__
+    from sensitune.tuners.quant import pack_quantized
+
+    plan = _model_plan(model, plan)
+    meta = dict(meta or {})
+    plan_json, plan_tensors = _plan_to_record(plan)
+    quantised = quantised_params(plan)
+    packed_cache = getattr(model, "sensitune_packed", {}) or {}
+    roles = {name: role for name, role, _ in plan.parameters()}
+    unit_of = {name: i for i, u in enumerate(plan.units) for name, _, _ in u.parameters()}
+
+    tensors: dict[str, Tensor] = {}
+    manifest: dict[str, dict[str, Any]] = {}
+
+    def put(key: str, t: Tensor, **info: Any) -> None:
+        t = t.detach().to("cpu").contiguous()
+        tensors[key] = t
+        manifest[key] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), **info}
+
+    for i, u in enumerate(plan.units):
+        if u.mode == "sparse":
+            key = f"{PLAN_PREFIX}{i}:{u.target}"
+            put(key, plan_tensors[key], part="sparse_indices", unit=i, target=u.target, target_numel=math.prod(u.shape))
+    for name, role in roles.items():
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            raise ValueError(f"the model has no parameter {name!r} that the plan ({plan.method}) trains; "
+                             f"was the plan applied to this model (sensitune.apply_plan)?") from None
+        base = {"param": name, "role": role, "unit": unit_of[name]}
+        if name in quantised:
+            bits = quantised[name]
+            cached = packed_cache.get(name)
+            if cached is not None and cached[1] == bits and torch.equal(cached[2], param.detach().cpu()):
+                stored = cached[0]  # reloaded low-bit weight, unchanged: keep its original codes
+            else:
+                stored = pack_quantized(param.detach().to("cpu", torch.float32), bits)
+            info = dict(base, bits=bits, param_shape=list(param.shape))
+            put(f"{name}::codes", stored["codes"], part="lowbit_codes", field="codes", **info)
+            put(f"{name}::mu", stored["mu"], part="lowbit_stats", field="mu", **info)
+            put(f"{name}::sigma", stored["sigma"], part="lowbit_stats", field="sigma", **info)
+        else:
+            put(name, param, part=_ROLE_PART.get(role, role), **base)
+
+    fingerprint = base_fingerprint(model, plan)
+    if norm_stats is None:
+        norm_stats = meta.get("norm_stats", True)
+    if norm_stats:
+        for bname, buf in _norm_stats(model).items():
+            put(f"{BUFFER_PREFIX}{bname}", buf, part="norm_stats", buffer=bname)
+
+    backbone = _source(model, meta)
+    head_shapes = [plan.tensors[n] for n in plan.head if n in plan.tensors]
+    num_classes = meta.get("num_classes") or (head_shapes[0][0] if head_shapes else None)
+    class_names = meta.get("class_names")
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise ValueError(f"meta['class_names'] has {len(class_names)} names but the head has {num_classes} classes")
+    known = {"class_names", "data_config", "backbone", "num_classes", "method", "norm_stats"}
+    record: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "sensitune_version": __version__,
+        "method": meta.get("method") or plan.method,
+        "backbone": backbone,
+        "base_fingerprint": fingerprint,
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "data_config": meta.get("data_config") or getattr(model, "sensitune_data_config", None),
+        "trainable": {"with_head": plan.num_trainable(True), "without_head": plan.num_trainable(False)},
+        "plan": plan_json,
+        "tensors": manifest,
+        "extra": {k: v for k, v in meta.items() if k not in known},
+    }
+    out = Path(path)
+    with AtomicDir(out) as tmp:
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT_NAME})
+        report = storage_report(manifest, tensors, (tmp / TENSORS_FILE).stat().st_size)
+        record["storage"] = report
+        # the JSON records its own size: iterate until the number no longer changes its length
+        for _ in range(4):
+            write_json_atomic(tmp / META_FILE, json_safe(record))
+            size = (tmp / META_FILE).stat().st_size
+            if report.get("json_bytes") == size:
+                break
+            report["json_bytes"] = size
+            report["on_disk_bytes"] = size + report["safetensors_bytes"]
+    return out
+
+
+# ----------------------------------------------------------------------------- load
+def _prepare_base(base: nn.Module | str | None, delta: Delta) -> nn.Module:
+    if isinstance(base, nn.Module):
+        return base
+    from sensitune.models import create_backbone
+
+    bb = delta.meta.get("backbone") or {}
+    name = base or bb.get("name")
+    pretrained = bb.get("pretrained")
+    if not name or pretrained is None:
+        raise DeltaError(f"{delta.where}: the delta does not record how to build its base model "
+                         f"(backbone={bb}); pass the base model itself to load_delta")
+    if pretrained == "none":
+        warnings.warn(f"{delta.where}: the base was randomly initialised (pretrained='none'); a new random "
+                      f"model will not match its fingerprint unless the same seed built it", stacklevel=3)
+    return create_backbone(name, delta.num_classes, pretrained=pretrained, img_size=bb.get("img_size"))
+
+
+def _fit_head(model: nn.Module, plan) -> None:
+    """Give the base the delta's class count (timm ``reset_classifier``) if it differs."""
+    params = dict(model.named_parameters())
+    wrong = [n for n in plan.head if n in params and tuple(params[n].shape) != tuple(plan.tensors[n])]
+    if not wrong:
+        return
+    num_classes = plan.tensors[wrong[0]][0]
+    reset = getattr(model, "reset_classifier", None)
+    if not callable(reset):
+        raise DeltaError(f"the base model's head {wrong[0]} has shape {tuple(params[wrong[0]].shape)}, the delta's "
+                         f"{tuple(plan.tensors[wrong[0]])}; build the base with {num_classes} classes")
+    reset(num_classes)
+
+
+def check_fingerprint(model: nn.Module, delta: Delta, *, force: bool = False) -> str:
+    """Refuse (or with ``force`` warn about) a base whose weights differ from the delta's base."""
+    have = base_fingerprint(model, delta.plan)
+    want = delta.meta["base_fingerprint"]
+    if have != want:
+        bb = delta.meta.get("backbone") or {}
+        msg = (f"{delta.where} was trained on different base weights: the delta's base fingerprint is "
+               f"{want[:16]}…, the given model's is {have[:16]}… (delta backbone {bb.get('name')!r}, "
+               f"weights {bb.get('weights')!r}). Load it onto the base it was trained on")
+        if not force:
+            raise DeltaError(msg + ", or pass force=True (CLI: --force) to apply it anyway.")
+        warnings.warn(msg + "; applying anyway because force=True: outputs may be meaningless.", stacklevel=3)
+    return have
+
+
+def load_delta(base_model_or_name: nn.Module | str | None, path: str | os.PathLike | Delta, *,
+               force: bool = False) -> nn.Module:
+    """The base model with the delta applied (in place if a model is given) and returned.
+
+    ``base_model_or_name``: the base model, a backbone name, or None for the backbone the delta
+    recorded (built with its recorded pretrained weights and image size). The base's weight
+    fingerprint must match the delta's (``force=True`` overrides with a warning). Every stored
+    tensor is checked against the plan and the model (missing or extra keys, shapes, index
+    ranges, dtypes); an error names the key. Low-bit weights come back dequantised into float
+    layers, giving bit-identical logits to the trained quantised model.
+    """
+    delta = path if isinstance(path, Delta) else read_delta(path)
+    model = _prepare_base(base_model_or_name, delta)
+    fingerprint = check_fingerprint(model, delta, force=force)
+    return apply_delta(model, delta, fingerprint)
+
+
+def apply_delta(model: nn.Module, delta: Delta, fingerprint: str) -> nn.Module:
+    """Apply a read ``delta`` to a base whose fingerprint was already checked (``fingerprint``)."""
+    from sensitune.tuners import apply_plan
+
+    plan = delta.plan
+    _fit_head(model, plan)
+    try:
+        plan.check_model(model)
+    except ValueError as exc:
+        raise DeltaError(f"{delta.where}: {exc}") from None
+
+    expected = {name for name, _, _ in plan.parameters()}
+    stored = delta.params()
+    missing = sorted(expected - set(stored))
+    extra = sorted(set(stored) - expected)
+    if missing:
+        raise DeltaError(f"{delta.where}: missing trained tensor(s) for {missing[:5]} of the plan")
+    if extra:
+        raise DeltaError(f"{delta.where}: tensor(s) for {extra[:5]} that the plan does not train")
+    quantised = quantised_params(plan)
+    for name, entry in stored.items():
+        bits = entry.get("bits")
+        if (name in quantised) != ("value" not in entry["keys"]) or (bits is not None and bits != quantised.get(name)):
+            raise DeltaError(f"{delta.where}: parameter {name!r} is stored "
+                             f"{'as codes' if 'value' not in entry['keys'] else 'as floats'} but the plan says "
+                             f"bits={quantised.get(name, 32)}")
+
+    apply_plan(model, _float_plan(plan))
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[dict, int, Tensor]] = {}
+    with torch.no_grad():
+        for name in sorted(expected):
+            target = params.get(name)
+            if target is None:
+                raise DeltaError(f"{delta.where}: apply_plan did not create parameter {name!r}")
+            value = delta.param_tensor(name)
+            if tuple(value.shape) != tuple(target.shape):
+                key = next(iter(stored[name]["keys"].values()))
+                raise DeltaError(f"{delta.where}: tensor {key!r} has shape {tuple(value.shape)} but the model's "
+                                 f"{name} is {tuple(target.shape)}")
+            if not torch.is_floating_point(value):
+                raise DeltaError(f"{delta.where}: tensor for {name!r} has dtype {dtype_name(value.dtype)}, expected float")
+            target.copy_(value.to(target.dtype))
+            if name in quantised:
+                keys = stored[name]["keys"]
+                packed[name] = ({f: delta.tensors[keys[f]] for f in LOWBIT_FIELDS}, quantised[name],
+                                target.detach().cpu().clone())
+        buffers = dict(model.named_buffers())
+        for key, info in delta.meta["tensors"].items():
+            if info.get("part") != "norm_stats":
+                continue
+            buf = buffers.get(info.get("buffer", ""))
+            if buf is None or tuple(buf.shape) != tuple(delta.tensors[key].shape):
+                raise DeltaError(f"{delta.where}: tensor {key!r} does not fit a buffer of the model "
+                                 f"({'no such buffer' if buf is None else f'shape {tuple(buf.shape)}'})")
+            buf.copy_(delta.tensors[key].to(buf.dtype))
+    model.sensitune_plan = plan
+    model.sensitune_packed = packed
+    model.sensitune_delta = {"path": str(delta.path) if delta.path else None, "method": delta.method,
+                             "class_names": delta.class_names, "data_config": delta.meta.get("data_config"),
+                             "backbone": delta.meta.get("backbone")}
+    return model
+
+
+# ----------------------------------------------------------------------------- predict
+@torch.no_grad()
+def predict_topk(model: nn.Module, images: list, delta: Delta, *, k: int = 5,
+                 batch_size: int = 16) -> list[list[tuple[int, str, float]]]:
+    """Top-``k`` (class index, name, probability) of PIL images, preprocessed as the delta records."""
+    from sensitune.data import build_transform
+
+    dcfg = delta.meta.get("data_config")
+    if not dcfg:
+        raise DeltaError(f"{delta.where}: delta.json records no data_config; cannot preprocess images")
+    transform = build_transform(dcfg, train=False)
+    device = next(model.parameters()).device
+    names = delta.class_names
+    out: list[list[tuple[int, str, float]]] = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(im) for im in images[start:start + batch_size]]).to(device)
+        probs = model(batch).float().softmax(dim=-1)
+        p, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        for pi, ii in zip(p.tolist(), idx.tolist()):
+            out.append([(i, names[i] if i < len(names) else str(i), pv) for i, pv in zip(ii, pi)])
+    return out

@@ -1,0 +1,180 @@
+"""Fold a tuned model into a plain timm/torch model, and look at the base under a tuned model.
+
+``sensitune.apply_plan`` tunes modules in place: it adds tensors beside a layer's own
+(``weight_delta``, ``weight_delta_index``, ``lora``/``adapter`` ModuleDicts, ``adaptformer``),
+gives the layer an instance-level ``forward`` and keeps its state in ``_sensitune``; AdaptFormer
+adds forward hooks. :func:`merge` folds the linear parts into the weights (sparse values, LoRA
+``s·B·A`` with dequantised k-bit factors, a k-bit head's dequantised weight) and then removes all
+of that, so the result needs no sensitune code. Sequential adapters and AdaptFormer are
+non-linear (GELU/ReLU between Down and Up): no weight can absorb them, so :func:`merge` refuses
+a model that has any and says which units to blame.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+_ADDED_MODULES = ("lora", "adapter", "adaptformer")
+_INSTANCE_ATTRS = ("forward", "_sensitune", "_sensitune_mlp_input")
+
+
+def _tuned(m: nn.Module) -> bool:
+    return "_sensitune" in m.__dict__
+
+
+def _added_tensors(m: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the parameters and buffers apply_plan added to module ``m`` (sparse deltas)."""
+    st = m.__dict__.get("_sensitune")
+    if st is None:
+        return [], []
+    params = [f"{leaf}_delta" for leaf in st.sparse if f"{leaf}_delta" in m._parameters]
+    buffers = [f"{leaf}_delta_index" for leaf in st.sparse if f"{leaf}_delta_index" in m._buffers]
+    return params, buffers
+
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def base_view(model: nn.Module, hide: Iterable[str] = (), hide_norm_stats: bool = False) -> Iterator[nn.Module]:
+    """Temporarily hide what apply_plan added (and the named parameters ``hide``, and BatchNorm
+    running statistics if asked), so ``model`` enumerates only the base tensors that identify it.
+
+    Merged modules are unmerged for the duration (bit-exact originals) and merged again after.
+    """
+    from sensitune.tuners import merge as tuners_merge
+    from sensitune.tuners import unmerge as tuners_unmerge
+
+    was_merged = any(m.__dict__["_sensitune"].merged for m in model.modules() if _tuned(m))
+    if was_merged:
+        tuners_unmerge(model)
+    hide = set(hide)
+    hidden: list[tuple[dict, str, object]] = []
+    try:
+        for mod_name, m in model.named_modules():
+            for name in _ADDED_MODULES:
+                if name in m._modules:
+                    hidden.append((m._modules, name, m._modules.pop(name)))
+            params, buffers = _added_tensors(m)
+            prefix = f"{mod_name}." if mod_name else ""
+            params += [n for n in list(m._parameters) if prefix + n in hide and n not in params]
+            if hide_norm_stats and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                buffers += [n for n in _BN_STATS if n in m._buffers and n not in buffers]
+            for name in params:
+                hidden.append((m._parameters, name, m._parameters.pop(name)))
+            for name in buffers:
+                hidden.append((m._buffers, name, m._buffers.pop(name)))
+        yield model
+    finally:
+        for store, name, value in reversed(hidden):
+            store[name] = value
+        if was_merged:
+            tuners_merge(model)
+
+
+def replaced_tensors(plan) -> list[str]:
+    """Base tensors a delta replaces outright (units in ``full``/``head`` mode, the head)."""
+    return sorted({u.target for u in plan.units if u.mode in ("full", "head")} | set(plan.head))
+
+
+def base_fingerprint(model: nn.Module, plan=None) -> str:
+    """The fingerprint a delta records of its base: ``weights_fingerprint`` over the tensors the
+    delta relies on but does not carry.
+
+    Excluded: what apply_plan added, tensors the plan replaces in full (they are in the delta),
+    the head, and BatchNorm running statistics (training in train mode moves them; the delta
+    carries them). The same function on the untuned base gives the same value, so the check
+    needs no record from before training.
+    """
+    from sensitune.models import weights_fingerprint
+    from sensitune.tuners import applied_plan
+
+    plan = plan if plan is not None else applied_plan(model)
+    hide = replaced_tensors(plan) if plan is not None else []
+    with base_view(model, hide=hide, hide_norm_stats=True):
+        return weights_fingerprint(model)
+
+
+def norm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> running_mean / running_var of every BatchNorm that tracks running statistics."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for leaf in ("running_mean", "running_var"):
+                buf = m._buffers.get(leaf)
+                if buf is not None:
+                    out[f"{name}.{leaf}" if name else leaf] = buf.detach()
+    return out
+
+
+def nonlinear_units(plan) -> list[str]:
+    """Units no weight can absorb (adapters, AdaptFormer), as ``mode:target[slice]`` labels."""
+    return [f"{u.mode}:{u.target}" + (f"[{u.slice}]" if u.slice else "")
+            for u in plan.units if u.mode in ("adapter", "adaptformer")]
+
+
+def is_plain(model: nn.Module) -> list[str]:
+    """Problems that make ``model`` not a plain torch/timm model (empty list = plain)."""
+    problems = []
+    for name, m in model.named_modules():
+        where = name or "<root>"
+        mod = type(m).__module__
+        if not (mod.startswith("torch.") or mod.startswith("timm.")):
+            problems.append(f"{where}: class {type(m).__module__}.{type(m).__name__}")
+        for attr in _INSTANCE_ATTRS:
+            if attr in m.__dict__:
+                problems.append(f"{where}: instance attribute {attr!r}")
+        if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None):
+            problems.append(f"{where}: forward hooks")
+        if getattr(m, "parametrizations", None) is not None:
+            problems.append(f"{where}: parametrizations")
+    return problems
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """A plain copy of tuned ``model`` with its delta folded into the weights.
+
+    The copy has the base model's classes, parameter names and state-dict keys (so it loads
+    into a freshly built timm model with ``strict=True``) and gives the same outputs as
+    ``model`` within float rounding. ``model`` itself is left unchanged. Raises ValueError for
+    adapter/AdaptFormer units (non-linear, cannot be folded).
+    """
+    from sensitune.tuners import applied_plan
+    from sensitune.tuners import merge as tuners_merge
+
+    plan = applied_plan(model)
+    if plan is not None:
+        blocked = nonlinear_units(plan)
+        if blocked:
+            raise ValueError(
+                f"cannot merge {len(blocked)} non-linear unit(s) into the base weights "
+                f"({', '.join(blocked[:4])}{', …' if len(blocked) > 4 else ''}): adapters have an activation "
+                f"between Down and Up. Use load_delta (or export --format delta) for this task instead.")
+    out = copy.deepcopy(model)
+    tuners_merge(out)
+    for m in out.modules():
+        m._modules.pop("lora", None)  # folded into the weight by tuners.merge
+        for name in ("adapter", "adaptformer"):
+            if name in m._modules:
+                raise ValueError(f"cannot merge: a non-linear {name!r} module sits under {type(m).__name__}")
+        params, buffers = _added_tensors(m)
+        for name in params:
+            del m._parameters[name]
+        for name in buffers:
+            del m._buffers[name]
+        for attr in _INSTANCE_ATTRS:
+            m.__dict__.pop(attr, None)
+    out.__dict__.pop("_sensitune_plan", None)
+    for attr in ("sensitune_plan", "sensitune_packed", "sensitune_delta", "sensitune_base_fingerprint"):
+        out.__dict__.pop(attr, None)
+    for p in out.parameters():
+        p.requires_grad_(True)
+    problems = is_plain(out)
+    if problems:  # pragma: no cover - a tuner feature merge does not know yet
+        raise RuntimeError(f"merge left non-plain parts: {problems[:5]}")
+    return out
