@@ -10,13 +10,30 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sensitune.data import embedded, fgvc, folder, vtab1k
-from sensitune.data.dataset import TaskDataset
 from sensitune.data.embedded import DEFAULT_MINI_IMG_SIZE, DEFAULT_SEED, MINI_SUITE, cache_dir, materialize
 from sensitune.data.errors import TaskDataError
-from sensitune.data.transforms import AUGMENTATIONS, build_transform
+
+if TYPE_CHECKING:
+    from sensitune.data.dataset import TaskDataset
+    from sensitune.data.transforms import AUGMENTATIONS, build_transform
+
+# torch/torchvision load only when these are first used: listing or building tasks stays quick.
+_LAZY = {"TaskDataset": "sensitune.data.dataset", "build_transform": "sensitune.data.transforms",
+         "AUGMENTATIONS": "sensitune.data.transforms"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sensitune.data' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "AUGMENTATIONS", "DEFAULT_MINI_IMG_SIZE", "MINI_SUITE", "TaskDataError", "TaskDataset", "VTAB_GROUPS",

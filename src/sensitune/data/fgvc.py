@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sensitune.data.dataset import Entry, TaskDataset, validate_samples
+from sensitune.data.validate import Entry, validate_samples
 from sensitune.data.errors import TaskDataError
 from sensitune.data.vtab1k import read_classes
 
 FILES = ("train", "val", "test")
+if TYPE_CHECKING:
+    from sensitune.data.dataset import TaskDataset
+
 SPLITS = ("train", "val", "trainval", "test")
 ALIASES = {"train800": "train", "val200": "val", "train800val200": "trainval"}
 IMAGE_DIRS = ("images", "Images")
@@ -76,6 +80,8 @@ def task_classes(folder: Path) -> tuple[list[str], dict[int, int] | None]:
 
 def open_fgvc(folder: Path, split: str, *, transform=None, name: str | None = None,
               group: str | None = None, verify: bool = True) -> TaskDataset:
+    from sensitune.data.dataset import TaskDataset  # torch is imported only when data is opened
+
     folder = Path(folder)
     split = canonical_split(split)
     files = ("train", "val") if split == "trainval" else (split,)

@@ -12,9 +12,13 @@ val200 → val, train800val200 → trainval.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sensitune.data.dataset import Entry, TaskDataset, validate_samples
+from sensitune.data.validate import Entry, validate_samples
 from sensitune.data.errors import TaskDataError
+
+if TYPE_CHECKING:
+    from sensitune.data.dataset import TaskDataset
 
 SPLIT_DIRS = ("train", "val", "test")
 ALIASES = {"train800": "train", "val200": "val", "train800val200": "trainval"}
@@ -61,6 +65,8 @@ def _entries(split_root: Path, task_root: Path, classes: list[str]) -> list[Entr
 
 def open_folder(folder: Path, split: str, *, transform=None, name: str | None = None,
                 group: str | None = None, verify: bool = True) -> TaskDataset:
+    from sensitune.data.dataset import TaskDataset  # torch is imported only when data is opened
+
     folder = Path(folder)
     split = ALIASES.get(split, split)
     splits = available_splits(folder)

@@ -13,9 +13,13 @@ Split aliases: ``train`` → train800, ``val`` → val200, ``trainval`` → trai
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sensitune.data.dataset import Entry, TaskDataset, validate_samples
+from sensitune.data.validate import Entry, validate_samples
 from sensitune.data.errors import TaskDataError
+
+if TYPE_CHECKING:
+    from sensitune.data.dataset import TaskDataset
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 ALIASES = {"train": "train800", "val": "val200", "trainval": "train800val200"}
@@ -91,6 +95,8 @@ def task_classes(folder: Path) -> list[str]:
 
 def open_vtab1k(folder: Path, split: str, *, transform=None, name: str | None = None,
                 group: str | None = None, verify: bool = True) -> TaskDataset:
+    from sensitune.data.dataset import TaskDataset  # torch is imported only when data is opened
+
     folder = Path(folder)
     split = canonical_split(split)
     entries = parse_list(folder / f"{split}.txt")
