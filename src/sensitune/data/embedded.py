@@ -223,9 +223,15 @@ def materialize(name: str, *, seed: int = DEFAULT_SEED, root: Path | None = None
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
             _write_task(name, seed, tmp)
-            if final.exists():  # stale (older suite version): replace it
+            if _is_current(final, seed):  # no OS lock and another process won the race
+                return final
+            if final.exists():  # stale (older suite version or seed): replace it
                 shutil.rmtree(final)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not _is_current(final, seed):
+                    raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
