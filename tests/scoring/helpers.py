@@ -16,9 +16,9 @@ def tiny_vit(drop_path_rate: float = 0.0, seed: int = 0) -> nn.Module:
 
 
 def tiny_effnet(seed: int = 0) -> nn.Module:
-    """A timm EfficientNet-Lite0 (BatchNorm, dropout before the head) with non-trivial BN statistics."""
+    """A tiny timm EfficientNet (BatchNorm, dropout before the head) with non-trivial BN statistics."""
     torch.manual_seed(seed)
-    model = timm.create_model("tf_efficientnet_lite0", num_classes=3, drop_rate=0.2)
+    model = timm.create_model("test_efficientnet", num_classes=3, drop_rate=0.2)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

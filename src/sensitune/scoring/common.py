@@ -100,10 +100,9 @@ def scoring_mode(model: nn.Module, scored: Sequence[nn.Parameter], *, train_mode
     scored_ids = {id(p) for p in scored}
     try:
         model.train(train_mode)
-        if batchnorm == "eval":
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._NormBase):
-                    m.eval()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                m.train(batchnorm == "train")
         for p in params:
             p.requires_grad_(id(p) in scored_ids)
         yield
