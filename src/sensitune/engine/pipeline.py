@@ -227,6 +227,8 @@ def train(
     from sensitune.models import weights_fingerprint
 
     base_fingerprint = weights_fingerprint(net)
+    if info.is_main:
+        write_json(out / "run.json", {**read_json(out / "run.json"), "base_fingerprint": base_fingerprint})
     train_data, train_plain, eval_data, task_info = _open_splits(task, cfg, net, train_split, eval_split, log)
     device = resolve_device(cfg.device, info.local_rank)
     net.to(device)
@@ -354,8 +356,15 @@ def load_run_model(run: str | Path, device: str = "auto") -> tuple[nn.Module, di
     from sensitune.data import open_task
 
     num_classes = open_task(meta["task"], cfg.splits()[0], data_root=cfg.data_root, verify=False).num_classes
+    torch.manual_seed(cfg.seed)  # as in train(): a random-init backbone is a function of the seed
     net = create_backbone(meta["model"], num_classes, pretrained=cfg.pretrained, img_size=cfg.img_size,
                           drop_path_rate=cfg.drop_path)
+    from sensitune.models import weights_fingerprint
+
+    recorded = meta.get("base_fingerprint")
+    if recorded and weights_fingerprint(net) != recorded:
+        raise ValueError(f"{run}: the rebuilt backbone {meta['model']!r} (pretrained={cfg.pretrained!r}) differs from "
+                         f"the one the run was trained on (weights fingerprint mismatch)")
     apply_plan(net, plan)
     load_trainable_state(net, load_checkpoint(ckpt_path)["model"], str(ckpt_path))
     net.to(resolve_device(device))

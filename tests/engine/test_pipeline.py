@@ -1,0 +1,144 @@
+"""train(): the whole pipeline into a run folder, its guards, and re-evaluation of a run."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sensitune.cli import main as cli_main
+from sensitune.engine.pipeline import evaluate_run, train
+
+FAST = dict(pretrained="none", img_size=32, epochs=2, batch_size=8, progress=False, lr=3e-3)
+MODEL = "vit_tiny_patch16_224"
+
+
+def make_vtab(root: Path, sizes=None, classes: int = 3, size: int = 32) -> Path:
+    """A small task folder in the VTAB-1k layout: class c has a bright vertical band c."""
+    sizes = sizes or {"train800": 24, "val200": 12, "test": 12}
+    rng = np.random.default_rng(0)
+    lists = {}
+    for split, n in sizes.items():
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(n):
+            c = i % classes
+            img = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
+            img[:, c * size // classes:(c + 1) * size // classes] += 150
+            rel = f"images/{split}/{i:06d}.png"
+            Image.fromarray(img).save(root / rel)
+            rows.append(f"{rel} {c}")
+        lists[split] = rows
+    lists["train800val200"] = lists["train800"] + lists["val200"]
+    for split, rows in lists.items():
+        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    return make_vtab(tmp_path_factory.mktemp("data") / "bands")
+
+
+@pytest.fixture(scope="module")
+def lora_run(task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    return out, train(MODEL, task, "lora", out, log=lambda s: None, **FAST)
+
+
+def test_run_folder_and_results(lora_run, task):
+    out, res = lora_run
+    for name in ("run.json", "plan.json", "checkpoints/last.pt", "metrics.csv", "results.json",
+                 "eval_val200_confusion.csv", "eval_val200_confusion.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "scores.safetensors").exists()  # lora needs no scores
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
+    assert (res["train_split"], res["eval_split"], res["eval_samples"]) == ("train800", "val200", 12)
+    # trainable counts: the plan's figure equals what has requires_grad; the head is 192*3 + 3
+    assert res["trainable_params"] == res["trainable_params_measured"]
+    assert res["trainable_params"] - res["trainable_params_without_head"] == 192 * 3 + 3
+    assert res["trainable_params_without_head"] == 12 * 8 * ((192 + 576) + (192 + 192) + (192 + 768) + (768 + 192))
+    assert res["accuracy"] > 60 and res["steps"] == 2 * 3
+    assert res["wall_seconds"] > 0 and res["images_per_s"] > 0 and res["peak_memory_mb"] > 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["train_loss"]) == pytest.approx(res["train_loss"])
+
+
+def test_evaluate_run_reproduces_the_training_time_evaluation(lora_run):
+    out, res = lora_run
+    again = evaluate_run(out, "val200", log=lambda s: None)
+    assert again["accuracy"] == res["accuracy"]
+    assert again["loss"] == pytest.approx(res["eval_loss"], rel=1e-5)
+    test = evaluate_run(out, "test", log=lambda s: None)
+    assert test["num_samples"] == 12 and (out / "eval_test.json").is_file()
+    assert (out / "eval_test_confusion.png").is_file()
+
+
+def test_out_folder_guards(lora_run, task, tmp_path):
+    out, res = lora_run
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        train(MODEL, task, "lora", out, log=lambda s: None, **FAST)
+    with pytest.raises(ValueError, match=r"holds a different run \(method: was 'lora', now 'bitfit'\)"):
+        train(MODEL, task, "bitfit", out, resume=True, log=lambda s: None, **FAST)
+    # resuming a finished run returns its results without training again
+    assert train(MODEL, task, "lora", out, resume=True, log=lambda s: None, **FAST) == json.loads(
+        (out / "results.json").read_text())
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty and holds no sensitune run"):
+        train(MODEL, task, "lora", other, overwrite=True, log=lambda s: None, **FAST)
+    assert (other / "notes.txt").read_text() == "keep me"
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train(MODEL, task, "lora", tmp_path / "absent", resume=True, log=lambda s: None, **FAST)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="lorra"), r"unknown method 'lorra' \(did you mean 'lora'\?\)"),
+    (dict(method="lora", budget="0.4M"), "takes no budget"),
+    (dict(method="lora", learning_rate=0.1), "unknown config key 'learning_rate'"),
+    (dict(method="lora", precision="fp64"), "precision"),
+])
+def test_bad_input_is_refused_before_any_work(task, tmp_path, kwargs, match):
+    method = kwargs.pop("method")
+    with pytest.raises(ValueError, match=match):
+        train(MODEL, task, method, tmp_path / "r", log=lambda s: None, **{**FAST, **kwargs})
+    assert not (tmp_path / "r").exists()
+
+
+def test_scored_method_under_the_final_protocol(task, tmp_path):
+    out = tmp_path / "spt"
+    (out).mkdir()
+    res = train(MODEL, task, "spt-lora", out, budget="1%", protocol="final", score_batches=2, score_batch_size=8,
+                log=lambda s: None, **{**FAST, "epochs": 1})
+    assert (res["train_split"], res["eval_split"]) == ("train800val200", "test")
+    assert (out / "scores.safetensors").is_file() and (out / "plan.json").is_file()
+    target = 0.01 * res["backbone_params"]
+    assert abs(res["trainable_params_without_head"] - target) <= 0.01 * target  # budget hit within 1 %
+    assert res["trainable_params"] == res["trainable_params_measured"]
+
+
+def test_cli_train_and_eval(task, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["train", "--model", MODEL, "--task", str(task), "--method", "bitfit", "--out", str(out),
+            "--pretrained", "none", "--img-size", "32", "--epochs", "1", "--batch-size", "8", "--no-progress",
+            "--set", "warmup_epochs=0"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert '"method": "bitfit"' in printed and '"accuracy"' in printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "bitfit" and res["config"]["warmup_epochs"] == 0.0
+    assert cli_main(argv) == 2  # the folder now holds a run
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli_main(argv + ["--overwrite", "--epochs", "2"]) == 0
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2
+    assert cli_main(["eval", "--run", str(out), "--split", "test"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert cli_main(["train", "--model", MODEL, "--task", str(task), "--method", "gps", "--budget", "1%",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "takes no budget" in capsys.readouterr().err
