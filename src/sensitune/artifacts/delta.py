@@ -320,26 +320,31 @@ def _model_plan(model: nn.Module, plan):
 
 
 def _source(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """How to rebuild the base: backbone name, the ``pretrained`` argument, image size."""
-    src = dict(getattr(model, "sensitune_source", None) or {})
-    backbone = dict(meta.get("backbone") or {})
-    weights = str(src.get("pretrained", backbone.get("weights", "unknown")))
-    if "pretrained" not in backbone:
-        if weights == "none":
-            backbone["pretrained"] = "none"
-        elif Path(weights).is_absolute() and Path(weights).exists():
-            backbone["pretrained"] = weights
-        elif weights.startswith("hf:") or str(src.get("name", "")).startswith("hf:"):
-            backbone["pretrained"] = "auto"
-        else:
-            backbone["pretrained"] = "auto" if weights != "unknown" else None
-    backbone.setdefault("name", src.get("requested") or src.get("name"))
-    backbone.setdefault("timm_name", src.get("name"))
-    backbone.setdefault("weights", weights)
-    dcfg = meta.get("data_config") or getattr(model, "sensitune_data_config", None)
-    if "img_size" not in backbone and dcfg:
-        backbone["img_size"] = int(dcfg["input_size"][-1])
-    return backbone
+    """How to rebuild the base: backbone name, the ``pretrained`` argument, image size.
+
+    ``model.sensitune_source`` (from create_backbone) and ``meta['backbone']`` describe the
+    weights (``pretrained`` there is a description such as ``timm:...`` or a package file);
+    the argument to pass back to create_backbone is derived from it: ``"none"``, the checkpoint
+    path, or ``"auto"`` (packaged or downloadable weights).
+    """
+    src = {**dict(getattr(model, "sensitune_source", None) or {}), **dict(meta.get("backbone") or {})}
+    weights = str(src.get("weights", src.get("pretrained", "unknown")))
+    if "pretrained_arg" in src:
+        arg = src["pretrained_arg"]
+    elif weights == "none":
+        arg = "none"
+    elif Path(weights).is_absolute():
+        arg = weights
+    elif weights == "unknown":
+        arg = None
+    else:
+        arg = "auto"
+    img_size = src.get("img_size")
+    if img_size is None:
+        dcfg = getattr(model, "sensitune_data_config", None) or meta.get("data_config")
+        img_size = int(dcfg["input_size"][-1]) if dcfg else None
+    return {"name": src.get("requested") or src.get("name"), "timm_name": src.get("name"),
+            "pretrained": arg, "weights": weights, "img_size": img_size}
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Mapping[str, Any] | None = None,
