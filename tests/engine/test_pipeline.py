@@ -114,7 +114,11 @@ def test_bad_input_is_refused_before_any_work(task, tmp_path, kwargs, match):
 def test_scored_method_under_the_final_protocol(task, tmp_path):
     out = tmp_path / "spt"
     (out).mkdir()
-    res = train(MODEL, task, "spt-lora", out, budget="1%", protocol="final", score_batches=2, score_batch_size=8,
+    import timm
+
+    torch.manual_seed(0)
+    small = timm.create_model(MODEL, img_size=32, depth=3, num_classes=3)  # a model object works too
+    res = train(small, task, "spt-lora", out, budget="1%", protocol="final", score_batches=2, score_batch_size=8,
                 log=lambda s: None, **{**FAST, "epochs": 1})
     assert (res["train_split"], res["eval_split"]) == ("train800val200", "test")
     assert (out / "scores.safetensors").is_file() and (out / "plan.json").is_file()
@@ -142,3 +146,11 @@ def test_cli_train_and_eval(task, tmp_path, capsys):
     assert cli_main(["train", "--model", MODEL, "--task", str(task), "--method", "gps", "--budget", "1%",
                      "--out", str(tmp_path / "x")]) == 2
     assert "takes no budget" in capsys.readouterr().err
+
+
+def test_a_model_object_must_match_the_task(task, tmp_path):
+    import timm
+
+    wrong = timm.create_model(MODEL, img_size=32, depth=1, num_classes=5)
+    with pytest.raises(ValueError, match="head has 5 outputs but the task has 3 classes"):
+        train(wrong, task, "linear", tmp_path / "r", log=lambda s: None, **FAST)
