@@ -171,6 +171,24 @@ def _save_delta(model: nn.Module, out: Path, meta: dict[str, Any], log: Callable
     return {"delta": str(Path(path).relative_to(out)), "delta_bytes_on_disk": size}
 
 
+def _on_main(info, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and hand its result (or its error) to every rank, so a refused
+    run stops all processes instead of leaving the others waiting."""
+    if info.world == 1:
+        return fn()
+    box: list[Any] = [None]
+    if info.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except (ValueError, FileNotFoundError) as exc:
+            box[0] = (type(exc).__name__, str(exc))
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "ok":
+        return value
+    raise (FileNotFoundError if status == "FileNotFoundError" else ValueError)(value)
+
+
 # -- the pipeline ------------------------------------------------------------------------------------
 def train(
     model: str | nn.Module,
@@ -209,9 +227,7 @@ def train(
     train_split, eval_split = cfg.splits()
     identity = {"format": RUN_FORMAT, "model": model if isinstance(model, str) else type(model).__name__,
                 "task": str(task), "method": m.name, "budget": budget}
-    resuming = prepare_run_dir(out, identity, resume=resume, overwrite=overwrite) if info.is_main else resume
-    if info.world > 1:
-        torch.distributed.barrier()
+    resuming = _on_main(info, lambda: prepare_run_dir(out, identity, resume=resume, overwrite=overwrite))
     if resuming and (out / "results.json").is_file():
         log(f"{out}: run already complete; returning its results")
         return read_json(out / "results.json")
