@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from sensitune.scoring.baselines import fisher_scores, magnitude_scores, random_scores
+from sensitune.scoring.heatmap import Placement, describe, placement
 from sensitune.scoring.gradient import backbone_features, gps_scores, gps_view_transform, supcon_loss
 from sensitune.scoring.scoremap import ScoreMap
 from sensitune.scoring.sensitivity import sensitivity_scores
@@ -51,6 +52,12 @@ def score(model: nn.Module, data: Any, method: str = "sensitivity", *, fingerpri
         if "unexpected keyword argument" in str(exc):
             raise ValueError(f"{method} scoring: {exc}") from None
         raise
+    from sensitune.models import tunable_tensors
+
+    # the facts a report needs (block, role, kind, q/k/v slices), so it works from the file alone
+    result.meta["tensors"] = {n: f for n, f in describe(tunable_tensors(model)).items() if n in result}
+    result.meta["backbone_params"] = sum(p.numel() for n, p in model.named_parameters()
+                                         if not n.startswith(_head_prefix(model)))
     if fingerprint:
         from sensitune.models import weights_fingerprint
 
@@ -61,5 +68,12 @@ def score(model: nn.Module, data: Any, method: str = "sensitivity", *, fingerpri
     return result
 
 
-__all__ = ["METHODS", "ScoreMap", "backbone_features", "fisher_scores", "gps_scores", "gps_view_transform",
+def _head_prefix(model: nn.Module) -> tuple[str, ...]:
+    from sensitune.models import find_head
+
+    head = find_head(model)
+    return (head + ".",) if head else ()
+
+
+__all__ = ["METHODS", "Placement", "ScoreMap", "placement", "backbone_features", "fisher_scores", "gps_scores", "gps_view_transform",
            "magnitude_scores", "random_scores", "score", "sensitivity_scores", "supcon_loss"]
