@@ -1,0 +1,334 @@
+"""The benchmark grid: every (task, method, seed) cell is one ``sensitune.engine.train`` run.
+
+Protocol (../shared/specs/benchmarks.md): with an lr grid, each (task, method) first trains
+on train800 and evaluates val200 once per learning rate (seed = the first seed); the chosen
+lr is the *smallest* one whose val accuracy is within ``tie_tolerance`` points of the best
+(200 validation images decide near-ties by noise, and the larger of near-tied rates is the
+one that diverges on retraining — the "recipe lesson"). Then every seed trains on
+train800val200 with that lr and reports test. Test is never looked at before that.
+
+Layout of ``out``::
+
+    bench.json                          the grid, its settings, failures and lr choices
+    <task>/<method>/seed<k>/            final cells (a train() run folder each)
+    <task>/<method>/select/lr<lr>/      lr-selection cells
+    logs/<task>__<method>__<cell>.log   each cell's log
+
+Restart-safe: a cell whose ``results.json`` is complete is skipped; a cell that was killed
+midway resumes from its checkpoint; a failed cell is recorded and skipped on restart unless
+``retry_failed`` (then it starts again from scratch).
+
+By default each cell runs in its own process forked from a preloaded server, because the
+engine reports peak memory as the process's peak resident set: in one long process every
+cell would report the largest peak so far. The server imports torch once, so a cell costs
+a fork, not an interpreter start.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from sensitune.bench.suites import SuiteTask, suite_tasks
+from sensitune.engine.checkpoint import atomic_write_text
+
+FORMAT = "sensitune-bench/1"
+DEFAULT_TRAIN = "sensitune.engine.pipeline:train"
+#: settings that must match when a bench folder is resumed
+IDENTITY = ("suite", "model", "data_root", "budget", "config", "overrides", "lr_grid", "tie_tolerance")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method column: a preset name plus planner options, e.g. ``bi-lora:bits=32``."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._=-]+", "+", self.label)
+
+
+def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
+    """``"linear,lora,bi-lora:bits=32:rank=8"`` -> method specs; names are checked against the presets."""
+    import yaml
+
+    from sensitune.methods import get_method
+
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    if not items:
+        raise ValueError("--methods: give at least one method")
+    specs = []
+    for item in items:
+        name, *opts = item.split(":")
+        get_method(name)  # raises with the list of presets
+        options: dict[str, Any] = {}
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if not eq or not key:
+                raise ValueError(f"--methods: {item!r}: options are written name:key=value (got {opt!r})")
+            options[key] = yaml.safe_load(value)
+        specs.append(MethodSpec(item, name, options))
+    labels = [s.label for s in specs]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ValueError(f"--methods: {', '.join(dupes)} given twice")
+    return specs
+
+
+def choose_lr(val_accuracy: dict[float, float | None], tie_tolerance: float = 1.0) -> float:
+    """The smallest lr whose val accuracy is within ``tie_tolerance`` points of the best.
+
+    Failed (diverged) rates carry ``None`` and are never chosen.
+    """
+    ok = {lr: acc for lr, acc in val_accuracy.items() if acc is not None and math.isfinite(acc)}
+    if not ok:
+        raise ValueError("every learning rate of the grid failed on validation")
+    best = max(ok.values())
+    return min(lr for lr, acc in ok.items() if acc >= best - tie_tolerance)
+
+
+def results_complete(run: Path) -> dict[str, Any] | None:
+    """The results of a finished run folder, or None (missing, torn or incomplete)."""
+    path = Path(run) / "results.json"
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(res, dict) or res.get("status", "complete") != "complete" or res.get("accuracy") is None:
+        return None
+    return res
+
+
+# -- running one cell -----------------------------------------------------------------------------------
+
+def _resolve(ref: str) -> Callable[..., dict[str, Any]]:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run_cell(train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str]) -> dict[str, Any]:
+    """Run one cell (in this process); returns {'ok': True} or {'ok': False, 'error': ...}."""
+    for p in reversed(extra_sys_path):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        def log(msg: str) -> None:
+            fh.write(str(msg) + "\n")
+            fh.flush()
+
+        try:
+            _resolve(train_ref)(**kwargs, log=log)
+            return {"ok": True}
+        except Exception as exc:  # a failed cell must not stop the grid
+            fh.write(traceback.format_exc())
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
+def _child(conn, train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str]) -> None:
+    conn.send(_run_cell(train_ref, kwargs, log_path, extra_sys_path))
+    conn.close()
+
+
+def _context() -> mp.context.BaseContext:
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["sensitune.engine.pipeline"])
+    return ctx
+
+
+def _run_isolated(ctx, train_ref: str, kwargs: dict[str, Any], log_path: str) -> dict[str, Any]:
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, train_ref, kwargs, log_path, list(sys.path)), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        result = recv.recv()
+    except EOFError:
+        result = None
+    proc.join()
+    if result is None:
+        return {"ok": False, "error": f"the cell's process died (exit code {proc.exitcode}); see {log_path}"}
+    return result
+
+
+# -- the grid ------------------------------------------------------------------------------------------
+
+@dataclass
+class _Cell:
+    task: SuiteTask
+    method: MethodSpec
+    seed: int
+    path: str  # relative to out
+    phase: str  # "select" or "final"
+    lr: float | None = None
+
+
+def _lr_folder(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def _machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence[MethodSpec], out: str | Path,
+              data_root: str | Path | None = None, tasks: Sequence[str] | None = None, budget: Any = None,
+              seeds: Sequence[int] = (0,), lr_grid: Sequence[float] | None = None, tie_tolerance: float = 1.0,
+              config: Any = None, overrides: dict[str, Any] | None = None, isolate: bool = True,
+              retry_failed: bool = False, progress: bool = True, train: str = DEFAULT_TRAIN,
+              command: str | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run (or continue) the grid into ``out``; returns the manifest (also ``out/bench.json``).
+
+    ``methods``: ``"a,b:key=value"`` or MethodSpecs; ``budget``: passed to budgeted methods only;
+    ``overrides``: TrainConfig keys for every cell (e.g. epochs, img_size, batch_size);
+    ``train``: ``"module:function"`` with the signature of :func:`sensitune.engine.train`
+    (tests substitute a fake; the real engine is the default).
+    """
+    from sensitune.methods import get_method
+
+    out = Path(out)
+    if isinstance(methods, str) or not all(isinstance(m, MethodSpec) for m in methods):
+        specs = parse_methods(methods)  # type: ignore[arg-type]
+    else:
+        specs = list(methods)  # type: ignore[arg-type]
+    task_list = suite_tasks(suite, data_root, tasks)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    grid = sorted({float(x) for x in lr_grid}) if lr_grid else None
+    if grid and any(x <= 0 for x in grid):
+        raise ValueError(f"--lr-grid: learning rates must be positive, got {grid}")
+    overrides = dict(overrides or {})
+    for key in ("lr", "seed", "protocol", "method_options"):
+        if key in overrides and (key != "lr" or grid):
+            raise ValueError(f"override {key!r} is set by the bench protocol per cell; drop it")
+    echo = echo or (lambda s: tqdm.write(s))
+
+    identity = {"suite": suite, "model": model, "data_root": None if data_root is None else str(data_root),
+                "budget": budget, "config": None if config is None else str(config) if not isinstance(config, dict) else config,
+                "overrides": overrides, "lr_grid": grid, "tie_tolerance": tie_tolerance}
+    manifest_path = out / "bench.json"
+    previous: dict[str, Any] = {}
+    if manifest_path.is_file():
+        previous = json.loads(manifest_path.read_text())
+        diff = [f"{k}: was {previous.get(k)!r}, now {identity[k]!r}" for k in IDENTITY if previous.get(k) != identity[k]]
+        if diff:
+            raise ValueError(f"{out} holds a bench with other settings (" + "; ".join(diff)
+                             + "); choose another --out folder")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty and holds no bench (bench.json); choose a new folder")
+
+    final_cells = [_Cell(t, m, s, f"{t.name}/{m.folder}/seed{s}", "final") for t in task_list for m in specs for s in seeds]
+    select_cells = ([_Cell(t, m, seeds[0], f"{t.name}/{m.folder}/select/{_lr_folder(lr)}", "select", lr)
+                     for t in task_list for m in specs for lr in grid] if grid else [])
+    manifest: dict[str, Any] = {
+        "format": FORMAT, **identity, "command": command,
+        "tasks": [{"task": t.name, "group": t.group, "source": t.task} for t in task_list],
+        "methods": [m.label for m in specs],
+        "method_specs": {m.label: {"name": m.name, "options": m.options} for m in specs},
+        "seeds": seeds, "select_eval": "val200" if grid else None, "final_eval": "test",
+        "isolated": isolate, "machine": _machine(),
+        "started": previous.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cells": [{"task": c.task.name, "group": c.task.group, "method": c.method.label, "seed": c.seed,
+                   "path": c.path} for c in final_cells],
+        "select_cells": [{"task": c.task.name, "method": c.method.label, "lr": c.lr, "path": c.path} for c in select_cells],
+        "failed": dict(previous.get("failed") or {}),
+        "selection": dict(previous.get("selection") or {}),
+    }
+
+    def save() -> None:
+        manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+
+    out.mkdir(parents=True, exist_ok=True)
+    save()
+    ctx = _context() if isolate else None
+    bar = tqdm(total=len(select_cells) + len(final_cells), desc="bench", unit="run", disable=not progress,
+               dynamic_ncols=True)
+
+    def run(cell: _Cell, lr: float | None) -> dict[str, Any] | None:
+        """Run one cell unless finished/failed; returns its results (None when failed)."""
+        run_dir = out / cell.path
+        done = results_complete(run_dir)
+        if done is not None:
+            bar.update(1)
+            return done
+        if cell.path in manifest["failed"] and not retry_failed:
+            bar.update(1)
+            return None
+        retrying = manifest["failed"].pop(cell.path, None) is not None
+        resume = (run_dir / "run.json").is_file() and not retrying
+        method = get_method(cell.method.name)
+        cell_over = {**overrides, "seed": cell.seed, "protocol": "val" if cell.phase == "select" else "final",
+                     "progress": False}
+        if lr is not None:
+            cell_over["lr"] = lr
+        if cell.method.options:
+            cell_over["method_options"] = dict(cell.method.options)
+        kwargs = dict(model=model, task=cell.task.task, method=cell.method.name, out=str(run_dir),
+                      budget=budget if method.budget != "none" else None, config=config,
+                      resume=resume, overwrite=retrying and (run_dir / "run.json").is_file(), **cell_over)
+        bar.set_postfix_str(f"{cell.task.name} {cell.method.label} {cell.phase} seed {cell.seed}"
+                            + (f" lr {lr:g}" if lr is not None else ""))
+        log_path = str(out / "logs" / (cell.path.replace("/", "__") + ".log"))
+        t0 = time.perf_counter()
+        outcome = (_run_isolated(ctx, train, kwargs, log_path) if isolate
+                   else _run_cell(train, kwargs, log_path, []))
+        bar.update(1)
+        res = results_complete(run_dir) if outcome["ok"] else None
+        if res is None:
+            manifest["failed"][cell.path] = outcome.get("error") or "finished without a complete results.json"
+            echo(f"FAILED {cell.path}: {manifest['failed'][cell.path]} (log: {log_path})")
+        else:
+            echo(f"{cell.task.name:>14} {cell.method.label:<16} {cell.phase:<6} seed {cell.seed}"
+                 + (f" lr {res.get('lr', lr):<8g}" if lr is not None or grid else "")
+                 + f" {res.get('eval_split', ''):>14} acc {float(res['accuracy']):6.2f}%"
+                 + f"  ({time.perf_counter() - t0:.0f}s)")
+        save()
+        return res
+
+    try:
+        for task in task_list:
+            for spec in specs:
+                lr_choice: float | None = None
+                if grid:
+                    key = f"{task.name}/{spec.label}"
+                    val = {}
+                    for cell in (c for c in select_cells if c.task is task and c.method is spec):
+                        res = run(cell, cell.lr)
+                        val[cell.lr] = None if res is None else float(res["accuracy"])
+                    try:
+                        lr_choice = choose_lr(val, tie_tolerance)
+                    except ValueError as exc:
+                        for cell in (c for c in final_cells if c.task is task and c.method is spec):
+                            manifest["failed"][cell.path] = f"no lr selected: {exc}"
+                            bar.update(1)
+                        save()
+                        continue
+                    manifest["selection"][key] = {"lr": lr_choice, "val_accuracy": {f"{k:g}": v for k, v in val.items()}}
+                    save()
+                for cell in (c for c in final_cells if c.task is task and c.method is spec):
+                    run(cell, lr_choice)
+    finally:
+        bar.close()
+        save()
+    return manifest

@@ -1,0 +1,39 @@
+"""A stand-in for ``sensitune.engine.train`` with the same signature and run-folder contract.
+
+It trains nothing: accuracy is a fixed function of (task, method, lr, seed), so the harness's
+bookkeeping (skip, resume, select, aggregate) can be checked against hand-computed numbers.
+Every call appends one JSON line to ``calls_file`` so tests can count what actually ran.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# val accuracy by lr for the selection tests: 1e-3 and 1e-2 are within one point -> 1e-3 wins
+VAL = {1e-3: 80.0, 1e-2: 80.5, 1e-1: 60.0}
+BASE = {"linear": 50.0, "lora": 70.0, "bi-lora": 68.0}
+
+
+def train(model, task, method, out, budget=None, config=None, *, resume=False, overwrite=False, log=print,
+          calls_file, seed=0, protocol="val", lr=None, method_options=None, fail_on=(), **overrides):
+    out = Path(out)
+    with open(calls_file, "a") as fh:
+        fh.write(json.dumps({"task": Path(str(task)).name, "method": method, "out": str(out), "seed": seed,
+                             "protocol": protocol, "lr": lr, "resume": resume, "overwrite": overwrite,
+                             "options": method_options, "pid": os.getpid(), "overrides": overrides}) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"method": method}))
+    if method in fail_on or (lr is not None and lr >= 0.5):
+        raise FloatingPointError("loss became NaN at epoch 1 (fake)")
+    if protocol == "val":
+        acc = VAL[lr]
+    else:
+        acc = BASE[method] + len(Path(str(task)).name) + seed + (100 * lr if lr else 0.0)
+    results = {"status": "complete", "accuracy": acc, "lr": lr, "seed": seed, "eval_split": "val200" if protocol == "val" else "test",
+               "trainable_params": 1000 * len(method), "trainable_params_without_head": 10 * len(method),
+               "delta_bytes_on_disk": 4000 * len(method), "bytes_estimate_without_head": 40 * len(method),
+               "train_seconds": 1.5, "peak_memory_mb": 100.0 + seed, "images_per_s": 50.0}
+    (out / "results.json").write_text(json.dumps(results))
+    log(f"fake {task} {method}: {acc}")
+    return results
