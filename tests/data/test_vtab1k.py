@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sensitune.data import TaskDataError, open_task
 
@@ -55,6 +56,13 @@ def test_missing_list_file(vtab_task: Path):
     (vtab_task / "val200.txt").unlink()
     with pytest.raises(TaskDataError, match=r"val200\.txt.*list file is missing"):
         open_task(vtab_task, "val200")
+
+
+def test_all_list_files_missing_is_not_mistaken_for_class_folders(vtab_task: Path):
+    for s in ("train800", "val200", "train800val200", "test"):
+        (vtab_task / f"{s}.txt").unlink()
+    with pytest.raises(TaskDataError, match="looks like a VTAB-1k task .* no list file"):
+        open_task(vtab_task, "test")
 
 
 def test_unparsable_line_names_file_and_line(vtab_task: Path):
@@ -122,6 +130,29 @@ def test_corrupt_image_is_caught_when_opened(vtab_task: Path):
     (vtab_task / "images" / "train800" / "000002.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage, not chunks")
     with pytest.raises(TaskDataError, match=r"train800\.txt:3: image .*000002\.png is not a readable image"):
         open_task(vtab_task, "train800")
+
+
+def test_truncated_png_is_caught_when_opened(vtab_task: Path):
+    path = vtab_task / "images" / "test" / "000000.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TaskDataError, match=r"test\.txt:1: image .*000000\.png is not a readable image"):
+        open_task(vtab_task, "test")
+
+
+def test_truncated_jpeg_passes_header_check_but_fails_clearly_when_loaded(vtab_task: Path):
+    # JPEG headers verify without decoding, so a cut-off JPEG is only caught when decoded.
+    path = vtab_task / "images" / "test" / "cut.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, "JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    (vtab_task / "test.txt").write_text("images/test/cut.jpg 0\n")
+    ds = open_task(vtab_task, "test")
+    with pytest.raises(TaskDataError, match=r"cannot decode image .*cut\.jpg \(sample 0 of toy/test\).*truncated"):
+        ds[0]
 
 
 def test_image_that_breaks_after_opening_fails_clearly_in_getitem(vtab_task: Path):

@@ -60,6 +60,10 @@ def detect_layout(path: Path) -> str:
         return "vtab1k"
     if fgvc.is_fgvc(path):
         return "fgvc"
+    subdirs = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if subdirs == {"images"}:  # a VTAB-1k task whose list files are gone, not a one-class folder task
+        raise TaskDataError(f"looks like a VTAB-1k task (an images/ folder) but no list file "
+                            f"({', '.join(s + '.txt' for s in vtab1k.SPLITS)}) is there", file=path)
     if folder.is_class_folders(path):
         return "folder"
     raise TaskDataError(f"no task layout recognised: expected VTAB-1k list files ({', '.join(vtab1k.SPLITS)}.txt), "
