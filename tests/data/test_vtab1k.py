@@ -166,3 +166,11 @@ def test_transform_is_applied(vtab_task: Path):
     ds = open_task(vtab_task, "test", transform=lambda im: np.asarray(im).mean())
     value, label = ds[0]
     assert value == pytest.approx(50.0) and label == 4
+
+
+def test_with_transform_shares_samples_not_transform(vtab_task: Path):
+    ds = open_task(vtab_task, "test")
+    mean = ds.with_transform(lambda im: float(np.asarray(im).mean()))
+    assert mean.samples is ds.samples and mean.num_classes == ds.num_classes
+    assert mean[1] == (pytest.approx(60.0), 0)
+    assert ds.transform is None and ds[1][0].size == (8, 8)

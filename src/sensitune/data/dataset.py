@@ -5,6 +5,7 @@ loads them, so a decoding problem that appears after opening still names the fil
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +37,13 @@ class TaskDataset(torch.utils.data.Dataset):
         self.split = split
         self.transform = transform
         self.layout = layout
+
+    def with_transform(self, transform: Callable[[Image.Image], Any] | None) -> "TaskDataset":
+        """The same validated samples under another transform (e.g. eval-time preprocessing of
+        the training split) without re-reading or re-validating anything."""
+        clone = copy.copy(self)
+        clone.transform = transform
+        return clone
 
     @property
     def targets(self) -> list[int]:
