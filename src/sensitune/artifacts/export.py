@@ -106,7 +106,11 @@ def load_merged(folder: str | os.PathLike) -> nn.Module:
 
 # ----------------------------------------------------------------------------- peft
 def _suffix_clash(names: list[str], target: str, dot: bool) -> list[str]:
-    """Other module names PEFT would also match for ``target`` (it matches by suffix)."""
+    """Other modules with tensors that PEFT would also match for ``target`` (it matches by suffix).
+
+    ``names`` lists only modules holding parameters or buffers: PEFT wrapping a stateless one
+    (an Identity) changes nothing.
+    """
     suffix = f".{target}" if dot else target
     return [n for n in names if n != target and n.endswith(suffix)]
 
@@ -121,7 +125,8 @@ def peft_parts(model: nn.Module, plan) -> tuple[list[LoraFactor], dict[str, dict
     from sensitune.tuners.lora import quantized
 
     modules = dict(model.named_modules())
-    names = [n for n in modules if n]
+    names = [n for n, m in modules.items()
+             if n and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))]
     left_out: list[str] = []
     notes: list[str] = []
     factors: list[LoraFactor] = []
@@ -202,8 +207,9 @@ def export_peft(model: nn.Module, delta: Delta, out: str | os.PathLike, *, parti
             f"{'; '.join(left_out[:6])}{'; …' if len(left_out) > 6 else ''}. "
             f"Use --format delta (exact) or merged, or --partial to export only the LoRA/head part "
             f"(the exported model will then differ from the trained one).")
-    if not factors and not saved:
-        raise ValueError(f"nothing of this {delta.method} delta can be expressed in PEFT's LoRA format")
+    if not factors:
+        raise ValueError(f"this {delta.method} delta has no LoRA unit, and PEFT's LoRA format needs at least one "
+                         f"target module; use --format merged (a plain model) or --format delta")
     bb = delta.meta.get("backbone") or {}
     export = build_peft_adapter(factors, saved, base_model_name=bb.get("name"), left_out=left_out)
     extra = {"source_delta": str(delta.path) if delta.path else None, "method": delta.method,
