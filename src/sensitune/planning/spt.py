@@ -13,8 +13,11 @@ Hitting the budget: every group's final cost is non-decreasing in τ, so the tot
 it jumps (a matrix switching to LoRA adds cost − c at once). We bisect the score threshold to
 the smallest τ whose total reaches the budget, then drop the lowest-scored *unstructured*
 picks until the total equals the budget (dropping picks never changes any group's decision).
-Only if too few unstructured picks exist do we keep the closer of the two neighbouring totals
-and warn when it misses by more than 1 %.
+If there are too few, we keep the decisions just below the jump and add the next-best entries
+of groups that stay below their switch point. If that cannot reach the budget either (a coarse
+model where most matrices are already structured), the group whose switch overshoots is held at
+individual entries (listed in ``stats["held_at_entries"]``) and the search repeats. A miss of
+more than 1 % after all that is reported with a warning.
 """
 from __future__ import annotations
 
@@ -41,12 +44,31 @@ class _Group:
     structured_cost: int  # 0 = not eligible
     threshold: float  # c at or above which the group goes structured / whole
     whole_cost: int  # cost when c reaches the threshold
-    scores_desc: Tensor  # the group's scores, descending
+    asc: Tensor  # the group's scores, ascending
     order: Tensor  # flat indices (into the full tensor) in that order
-    asc: Tensor  # ascending copy for counting
+    cap: int | None = None  # set when the group is held below its switch point (see _block)
+
+    def top_scores(self, start: int, stop: int) -> Tensor:
+        """Scores ranked start..stop-1 (rank 0 = highest), highest first."""
+        n = self.asc.numel()
+        return self.asc[max(0, n - stop):n - start].flip(0)
+
+    def top_indices(self, c: int) -> Tensor:
+        return self.order[self.asc.numel() - c:] if c else self.order[:0]
 
     def count(self, t: float) -> int:
-        return self.asc.numel() - int(torch.searchsorted(self.asc, torch.tensor([t], dtype=self.asc.dtype))[0])
+        c = self.asc.numel() - int(torch.searchsorted(self.asc, torch.tensor([t], dtype=self.asc.dtype))[0])
+        return c if self.cap is None else min(c, self.cap)
+
+    def limit(self) -> int:
+        """Most entries the group can take without switching to structured/whole."""
+        if self.cap is not None:
+            return self.cap
+        return math.ceil(self.threshold) - 1 if self.threshold else self.asc.numel()
+
+    def block(self) -> None:
+        """Hold the group below its switch point: it keeps only individual entries."""
+        self.cap, self.threshold = self.limit(), 0.0
 
     def cost(self, c: int) -> int:
         if self.threshold and c >= self.threshold:
@@ -69,18 +91,17 @@ def _groups(ctx: Context, sc: dict[str, Tensor], structured: str, rank: int, alp
             parts = ([(sl.name, (sl.start, sl.stop), m[sl.start:sl.stop].reshape(-1), flat[sl.start:sl.stop].reshape(-1))
                       for sl in info.slices] if info.slices else [(None, None, m.reshape(-1), flat.reshape(-1))])
         for sl_name, rows_, vals, idx in parts:
-            vals_desc, perm = torch.sort(vals, descending=True, stable=True)
+            asc, perm = torch.sort(vals)
             if info.kind == "vector":
                 d = vals.numel()
-                g = _Group(info.name, info.shape, None, None, False, 0, d / beta, d, vals_desc, idx[perm],
-                           vals_desc.flip(0).contiguous())
+                g = _Group(info.name, info.shape, None, None, False, 0, d / beta, d, asc, idx[perm])
             else:
                 d_out = vals.numel() // info.matrix_shape[1] if rows_ is None else rows_[1] - rows_[0]
                 d_in = info.matrix_shape[1]
                 cost = rank * (d_in + d_out) if structured == "lora" else 2 * rank * d_out + rank + d_out
                 eligible = (info.layer == "linear" or info.groups == 1) and cost < vals.numel()
                 g = _Group(info.name, info.shape, sl_name, rows_, True, cost if eligible else 0,
-                           cost / alpha if eligible else 0.0, cost, vals_desc, idx[perm], vals_desc.flip(0).contiguous())
+                           cost / alpha if eligible else 0.0, cost, asc, idx[perm])
             groups.append(g)
     return groups
 
@@ -88,6 +109,70 @@ def _groups(ctx: Context, sc: dict[str, Tensor], structured: str, rank: int, alp
 def _total(groups: list[_Group], t: float) -> tuple[int, list[int]]:
     counts = [g.count(t) for g in groups]
     return sum(g.cost(c) for g, c in zip(groups, counts)), counts
+
+
+def _unstructured(groups: list[_Group], counts: list[int]) -> list[int]:
+    return [k for k, g in enumerate(groups) if not (g.threshold and counts[k] >= g.threshold)]
+
+
+def _hit(groups: list[_Group], target: int, counts_lo: list[int], total_lo: int, counts_hi: list[int],
+         total_hi: int) -> tuple[list[int], int, int] | None:
+    """Final per-group counts whose total is the target when possible.
+
+    From above: keep the decisions at τ_lo and drop its lowest-scored unstructured picks.
+    From below (if too few such picks): keep the decisions at τ_hi and add the next-best entries
+    of groups that stay below their switching threshold (so no decision changes).
+    None if neither reaches the target.
+    """
+    excess = total_lo - target
+    if excess == 0:
+        return list(counts_lo), 0, 0
+    counts = list(counts_lo)
+    unstructured = _unstructured(groups, counts)
+    if sum(counts[k] for k in unstructured) >= excess:
+        vals = torch.cat([groups[k].top_scores(0, counts[k]) for k in unstructured])
+        owner = torch.cat([torch.full((counts[k],), j) for j, k in enumerate(unstructured)])
+        drop = torch.sort(vals, stable=True).indices[:excess]
+        removed = torch.bincount(owner[drop], minlength=len(unstructured))
+        for j, k in enumerate(unstructured):
+            counts[k] -= int(removed[j])
+        return counts, excess, 0
+    deficit = target - total_hi
+    counts = list(counts_hi)
+    room: list[tuple[int, Tensor]] = []
+    for k in _unstructured(groups, counts):
+        g = groups[k]
+        cap = g.limit() - counts[k]
+        if cap > 0:
+            room.append((k, g.top_scores(counts[k], counts[k] + min(cap, deficit))))
+    if sum(v.numel() for _, v in room) >= deficit:
+        vals = torch.cat([v for _, v in room])
+        owner = torch.cat([torch.full((v.numel(),), j) for j, (_, v) in enumerate(room)])
+        take = torch.sort(vals, descending=True, stable=True).indices[:deficit]
+        added = torch.bincount(owner[take], minlength=len(room))
+        for j, (k, _) in enumerate(room):
+            counts[k] += int(added[j])
+        return counts, 0, deficit
+    return None
+
+
+def _bisect(groups: list[_Group], lo: float, hi: float, target: int) -> tuple[float, list[int], int, list[int], int]:
+    """Thresholds t_lo < t_hi, adjacent in the ranking, with total(t_lo) >= target > total(t_hi)."""
+    t_lo, t_hi = lo, math.nextafter(hi, math.inf)
+    total_lo, counts_lo = _total(groups, t_lo)
+    total_hi, counts_hi = _total(groups, t_hi)
+    for _ in range(200):
+        if sum(counts_lo) - sum(counts_hi) <= 1:
+            break
+        mid = (t_lo + t_hi) / 2
+        if not t_lo < mid < t_hi:
+            break  # adjacent floats: ties
+        total, counts = _total(groups, mid)
+        if total >= target:
+            t_lo, total_lo, counts_lo = mid, total, counts
+        else:
+            t_hi, total_hi, counts_hi = mid, total, counts
+    return t_lo, counts_lo, total_lo, counts_hi, total_hi
 
 
 def spt(ctx: Context, scores: Mapping[str, Tensor], budget: object = None, structured: str = "lora", rank: int = 8,
@@ -112,38 +197,23 @@ def spt(ctx: Context, scores: Mapping[str, Tensor], budget: object = None, struc
     most, _ = _total(groups, lo)
     target = parse_budget(budget, ctx.backbone_params, most)
 
-    # bisection: total(t_lo) >= target > total(t_hi); the total is non-increasing in t
-    t_lo, t_hi = lo, math.nextafter(hi, math.inf)
-    total_lo, counts_lo = _total(groups, t_lo)
-    total_hi, counts_hi = _total(groups, t_hi)
-    for _ in range(200):
-        if sum(counts_lo) - sum(counts_hi) <= 1:
+    blocked: list[str] = []
+    for _ in range(len(groups) + 1):
+        t_lo, counts_lo, total_lo, counts_hi, total_hi = _bisect(groups, lo, hi, target)
+        hit = _hit(groups, target, counts_lo, total_lo, counts_hi, total_hi)
+        if hit is not None:
+            counts, trimmed, filled = hit
             break
-        mid = (t_lo + t_hi) / 2
-        if not t_lo < mid < t_hi:
-            break  # adjacent floats: ties
-        total, counts = _total(groups, mid)
-        if total >= target:
-            t_lo, total_lo, counts_lo = mid, total, counts
-        else:
-            t_hi, total_hi, counts_hi = mid, total, counts
-
-    counts = list(counts_lo)
-    excess = total_lo - target
-    unstructured = [k for k, g in enumerate(groups) if g.cost(counts[k]) == counts[k]]
-    n_unstructured = sum(counts[k] for k in unstructured)
-    trimmed = 0
-    if excess > 0 and n_unstructured >= excess:
-        # drop the `excess` lowest-scored unstructured picks (each group's picks are its top c)
-        vals = torch.cat([groups[k].scores_desc[:counts[k]] for k in unstructured])
-        owner = torch.cat([torch.full((counts[k],), j) for j, k in enumerate(unstructured)])
-        drop = torch.sort(vals, stable=True).indices[:excess]
-        removed = torch.bincount(owner[drop], minlength=len(unstructured))
-        for j, k in enumerate(unstructured):
-            counts[k] -= int(removed[j])
-        trimmed = excess
-    elif excess > 0 and target - total_hi < excess:
-        counts = list(counts_hi)
+        # the switch of one group overshoots by more than the individual picks can absorb:
+        # keep that group at individual entries and search again
+        switched = [k for k, g in enumerate(groups)
+                    if g.threshold and counts_lo[k] >= g.threshold > counts_hi[k]]
+        if not switched:
+            counts, trimmed, filled = (counts_lo if total_lo - target <= target - total_hi else counts_hi), 0, 0
+            break
+        for k in switched:
+            groups[k].block()
+            blocked.append(groups[k].name + (f"[{groups[k].slice}]" if groups[k].slice else ""))
     final = sum(g.cost(c) for g, c in zip(groups, counts))
     error = (final - target) / target
     if abs(error) > 0.01:
@@ -165,13 +235,13 @@ def spt(ctx: Context, scores: Mapping[str, Tensor], budget: object = None, struc
                 units.append(Unit(g.name, "full", g.shape))
                 n_whole += 1
         else:
-            sparse.setdefault(g.name, []).append(g.order[:c])
+            sparse.setdefault(g.name, []).append(g.top_indices(c))
             n_entries += c
     for name, parts in sparse.items():
         units.append(Unit(name, "sparse", ctx.tensors[name], indices=torch.cat(parts)))
     stats = {"target": target, "total": final, "error": round(error, 6), "tau": sum(counts_lo),
              "threshold": t_lo, "structured": n_struct, "sparse_entries": n_entries, "whole_vectors": n_whole,
-             "trimmed_entries": trimmed}
+             "trimmed_entries": trimmed, "filled_entries": filled, "held_at_entries": blocked}
     opts = dict(structured=structured, rank=rank, alpha=alpha, beta=beta, dropout=dropout, drop_path=drop_path,
                 bits=bits, scale=scale)
     return make(ctx, method, units + head_units(ctx, head, head_bits), budget=target, options=opts, stats=stats)
