@@ -296,3 +296,30 @@ def test_plan_is_required(tmp_path):
     assert delta.meta["sensitune_version"] and delta.meta["format_version"] == 1
     with pytest.raises(ValueError, match="3 names but the head has 5"):
         save_delta(model, tmp_path / "e", meta={"class_names": ["a", "b", "c"]})
+
+
+def _method_plan(model, method):
+    from sensitune.planning import make_plan
+
+    g = torch.Generator().manual_seed(2)
+    scores = {n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}
+    budget = {"spt-lora": 20000, "spt-adapter": 20000, "topk-sparse": 3000}.get(method)
+    options = {"gps": {"K": 1}}.get(method, {})
+    return make_plan(model, scores, method, budget=budget, **options)
+
+
+@pytest.mark.parametrize("method", ["linear", "full", "bitfit", "lora", "adapter", "adaptformer", "bi-lora",
+                                    "bi-adaptformer", "gps", "topk-sparse", "spt-lora", "spt-adapter"])
+def test_every_method_round_trips(tmp_path, method):
+    base = vit(0)
+    model = trained(base, _method_plan(vit(0), method))
+    x = images(2)
+    with torch.no_grad():
+        expected = model(x)
+    save_delta(model, tmp_path / "d")
+    delta = read_delta(tmp_path / "d")
+    assert delta.method == method
+    with torch.no_grad():
+        assert torch.equal(load_delta(vit(0), tmp_path / "d").eval()(x), expected)
+    if method != "full":  # a delta is small: only what was trained
+        assert delta.storage["tensor_bytes"] < 0.5 * 4 * sum(p.numel() for p in vit(0).parameters())

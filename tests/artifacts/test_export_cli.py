@@ -34,7 +34,8 @@ def _base(checkpoint):
 
 
 def _run(checkpoint, root, kind):
-    model = trained(_base(checkpoint), make_plan(_base(checkpoint), units_for(kind, _base(checkpoint)), method=kind))
+    base = _base(checkpoint)
+    model = trained(base, make_plan(base, units_for(kind, base), method=kind))
     save_delta(model, root / "delta", meta={"class_names": ["ant", "bee", "cat", "dog", "eel"],
                                            "data_config": data_config(model)})
     return model

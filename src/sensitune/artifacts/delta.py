@@ -437,7 +437,8 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
         record["storage"] = report
         # the JSON records its own size: iterate until the number no longer changes its length
         for _ in range(4):
-            write_json_atomic(tmp / META_FILE, json_safe(record))
+            # compact: it is part of the task's bytes on disk (pretty-print with `python -m json.tool`)
+            write_json_atomic(tmp / META_FILE, json_safe(record), compact=True)
             size = (tmp / META_FILE).stat().st_size
             if report.get("json_bytes") == size:
                 break

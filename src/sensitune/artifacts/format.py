@@ -57,13 +57,19 @@ def tensor_nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` through a temp file in the same folder + rename."""
+def write_json_atomic(path: Path, obj: Any, *, compact: bool = False) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temp file in the same folder + rename.
+
+    Indented for people by default; ``compact`` (no whitespace) where the file's size counts.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
+            if compact:
+                json.dump(obj, fh, separators=(",", ":"))
+            else:
+                json.dump(obj, fh, indent=2)
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
