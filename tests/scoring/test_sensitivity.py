@@ -95,6 +95,8 @@ def test_bad_input_is_refused_clearly():
         score(model, tensor_data(4), "sensitivty")
     with pytest.raises(ValueError, match="needs data"):
         score(model, None, "sensitivity")
+    with pytest.raises(ValueError, match="takes part in the loss"):
+        score(model, tensor_data(4), "gps", kinds=("head",), view_transform=lambda x: x)  # SupCon skips the head
     with pytest.raises(ValueError, match="unexpected keyword"):
         score(model, tensor_data(4), "sensitivity", temprature=0.1)
 

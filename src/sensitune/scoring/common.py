@@ -232,3 +232,10 @@ def progress(total: int, enabled: bool, desc: str):
 def acc_dtype(param: torch.Tensor) -> torch.dtype:
     """Accumulate in float32 at least (half-precision models), float64 for float64 models."""
     return torch.promote_types(param.dtype, torch.float32)
+
+
+def check_connected(loss: torch.Tensor, method: str) -> None:
+    """The loss must depend on at least one scored tensor, else there is no gradient to score."""
+    if not loss.requires_grad:
+        raise ValueError(f"{method} scoring: none of the scored tensors takes part in the loss "
+                         f"(check kinds/include/exclude; with loss='supcon' the head is not used)")

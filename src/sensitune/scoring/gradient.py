@@ -205,6 +205,7 @@ def gps_scores(model: nn.Module, data: Dataset | DataLoader, *, loss: str = "sup
                 value = supcon_loss(feats, y, temperature)
             else:
                 value = F.cross_entropy(model(x), y)
+            common.check_connected(value, "gps")
             grads = torch.autograd.grad(value, params, allow_unused=True)
             pairs = [(a, g.to(a.dtype)) for a, g in zip(acc, grads) if g is not None]
             if pairs:

@@ -49,6 +49,7 @@ def sensitivity_scores(model: nn.Module, data: Dataset | DataLoader, *, batch_si
             x = x.to(device, non_blocking=True)
             y = torch.as_tensor(y).to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
+            common.check_connected(loss, method)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             _accumulate_squares(acc, grads)
             loss_sum += common.check_loss(loss, b, method)
