@@ -155,29 +155,32 @@ def peft_parts(model: nn.Module, plan) -> tuple[list[LoraFactor], dict[str, dict
         if u.drop_path:
             notes.append(f"{label(u)}: drop-path on the LoRA output has no PEFT equivalent (training only)")
 
-    to_save: dict[str, set[str]] = {}
+    to_save: set[str] = set()
+    blocked = lora_modules | sparse_modules
+
+    def save_whole(owner: str, what: str) -> None:
+        # PEFT matches modules_to_save by name suffix ("bn1" also matches "blocks.0.0.bn1"): every
+        # module it will match is saved too, with its current values, so the match is harmless
+        # unless one of them carries a LoRA or sparse delta.
+        group = [owner] + _suffix_clash(names, owner, dot=False)
+        clash = [n for n in group if n in blocked]
+        if not owner:
+            left_out.append(f"{what} (a root-level tensor: PEFT saves whole modules only)")
+        elif clash:
+            left_out.append(f"{what} (module {clash[0]} also carries a LoRA or sparse delta)")
+        else:
+            to_save.update(group)
+
     head = find_head(model)
     for u in plan.units:
         if u.mode in ("sparse", "adapter", "adaptformer"):
             left_out.append(f"{label(u)} ({'sparse entries' if u.mode == 'sparse' else 'non-linear adapter'})")
         elif u.mode in ("full", "head"):
-            owner = u.module
-            if not owner:
-                left_out.append(f"{label(u)} (a root-level tensor: PEFT saves whole modules only)")
-            elif owner in lora_modules or owner in sparse_modules:
-                left_out.append(f"{label(u)} (its module also carries a LoRA or sparse delta)")
-            elif _suffix_clash(names, owner, dot=False):
-                left_out.append(f"{label(u)} (PEFT would also save {_suffix_clash(names, owner, False)[:2]})")
-            else:
-                to_save.setdefault(owner, set())
+            save_whole(u.module, label(u))
     for buf in norm_stats(model):
-        owner = buf.rsplit(".", 1)[0]
-        if owner in lora_modules or owner in sparse_modules or _suffix_clash(names, owner, dot=False):
-            left_out.append(f"norm_stats:{buf}")
-        else:
-            to_save.setdefault(owner, set())
-    if head and head not in to_save and any(u.mode == "head" for u in plan.units):
-        to_save.setdefault(head, set())
+        save_whole(buf.rsplit(".", 1)[0] if "." in buf else "", f"norm_stats:{buf}")
+    if head and any(u.mode == "head" for u in plan.units):
+        save_whole(head, f"head:{head}")
 
     saved: dict[str, dict[str, torch.Tensor]] = {}
     for owner in sorted(to_save):
@@ -192,8 +195,6 @@ def peft_parts(model: nn.Module, plan) -> tuple[list[LoraFactor], dict[str, dict
                 notes.append(f"{owner}.{pname}: {st.bits[pname]}-bit weight exported dequantised")
             values[pname] = p.detach()
         saved[owner] = values
-    if any(n.startswith("norm_stats:") for n in left_out):
-        notes.append("BatchNorm running statistics of modules with a LoRA/sparse delta cannot be carried")
     return factors, saved, left_out, notes
 
 
