@@ -17,15 +17,20 @@ def _dense_reference(weight, index, values):
     return w.view_as(weight).requires_grad_(True)
 
 
-@pytest.mark.parametrize("use_rows", [False, True])
-def test_linear_values_grad_matches_dense(use_rows):
+@pytest.mark.parametrize("layout", ["gather", "rows-matmul", "k-per-row"])
+def test_linear_values_grad_matches_dense(layout, monkeypatch):
+    monkeypatch.setattr("sensitune.tuners.sparse._CHUNK_ELEMENTS", 20)  # several token chunks
     weight = torch.randn(12, 7, dtype=torch.float64)
     bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
-    index = torch.tensor([0, 5, 8, 13, 40, 41, 83])  # rows 0, 0, 1, 1, 5, 5, 11
+    if layout == "k-per-row":  # two entries in every row, as GPS K=2 makes
+        index = (torch.arange(12).repeat_interleave(2) * 7 + torch.tensor([1, 4] * 12)).sort().values
+    else:
+        index = torch.tensor([0, 5, 8, 13, 40, 41, 83])  # rows 0, 0, 1, 1, 5, 5, 11
     values = torch.randn(index.numel(), dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
-    geo = SparseIndex(index, 7)
-    geo.use_rows = use_rows
+    geo = SparseIndex(index, 7, 12)
+    assert geo.per_row == (2 if layout == "k-per-row" else 0)
+    geo.use_rows = layout == "rows-matmul"
     y = SparseLinearFunction.apply(x, weight, bias, values, geo)
     g = torch.randn_like(y)
     y.backward(g)
@@ -41,17 +46,20 @@ def test_linear_values_grad_matches_dense(use_rows):
     torch.testing.assert_close(bias.grad, b_ref.grad)
 
 
-@pytest.mark.parametrize("kind", ["pointwise", "3x3-stride2", "depthwise"])
+@pytest.mark.parametrize("kind", ["pointwise", "pointwise-k-per-row", "3x3-stride2", "depthwise"])
 def test_conv_values_grad_matches_dense(kind):
     cfg = {"pointwise": dict(cin=6, cout=5, k=1, stride=1, pad=0, groups=1),
+           "pointwise-k-per-row": dict(cin=6, cout=5, k=1, stride=1, pad=0, groups=1),
            "3x3-stride2": dict(cin=3, cout=4, k=3, stride=2, pad=1, groups=1),
            "depthwise": dict(cin=6, cout=6, k=3, stride=1, pad=1, groups=6)}[kind]
     weight = torch.randn(cfg["cout"], cfg["cin"] // cfg["groups"], cfg["k"], cfg["k"], dtype=torch.float64)
     n = weight.numel()
     index = torch.randperm(n)[: max(3, n // 4)].sort().values
+    if kind == "pointwise-k-per-row":
+        index = torch.arange(cfg["cout"]) * cfg["cin"] + torch.randint(0, cfg["cin"], (cfg["cout"],))
     values = torch.randn(index.numel(), dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, cfg["cin"], 7, 7, dtype=torch.float64, requires_grad=True)
-    geo = SparseIndex(index, n // cfg["cout"])
+    geo = SparseIndex(index, n // cfg["cout"], cfg["cout"])
     args = ((cfg["stride"],) * 2, (cfg["pad"],) * 2, (1, 1), cfg["groups"])
     y = SparseConv2dFunction.apply(x, weight, None, values, geo, *args)
     g = torch.randn_like(y)

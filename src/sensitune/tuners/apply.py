@@ -185,7 +185,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             param = mod._parameters[u.leaf]
             idx = u.indices.to(param.device)
             cols = param.numel() // param.shape[0] if param.dim() > 1 else param.numel()
-            _state(mod).sparse[u.leaf] = SparseIndex(idx, cols)
+            _state(mod).sparse[u.leaf] = SparseIndex(idx, cols, param.shape[0] if param.dim() > 1 else 1)
             mod.register_parameter(f"{u.leaf}_delta", nn.Parameter(torch.zeros(idx.numel(), dtype=param.dtype, device=param.device)))
             mod.register_buffer(f"{u.leaf}_delta_index", idx.clone())
         elif u.mode in ("lora", "adapter"):
@@ -207,7 +207,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
                                  drop_path=u.drop_path, bits=u.bits, channel_dim=1 if _is_conv(mod) else -1, **kw)
             if u.mode not in mod._modules:
                 mod.add_module(u.mode, nn.ModuleDict())
-            mod._modules[u.mode][u.key] = new
+            mod._modules[u.mode][u.key] = new.train(mod.training)
             st.slices[u.key] = u.slice_rows
         elif u.mode == "adaptformer":
             d_in, d_out = block_dims(mod)
@@ -219,7 +219,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             ad = Bottleneck(d_in, d_out, u.rank, act="relu", bias=False, scale=u.scale, dropout=u.dropout,
                             drop_path=u.drop_path, bits=u.bits, channel_dim=1 if cnn else -1, stride=stride,
                             device=ref.device, dtype=ref.dtype)
-            attach_adaptformer(mod, ad)
+            attach_adaptformer(mod, ad.train(mod.training))
     object.__setattr__(model, _PLAN_ATTR, plan)
     _verify(model, plan)
     return model

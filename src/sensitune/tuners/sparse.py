@@ -7,9 +7,10 @@ the backward
 
 * the input gradient with W' (the same matmul a frozen layer needs anyway), and
 * grad δ_k = Σ_t G[t, row_k] · X[t, col_k] by gathering the rows/columns the entries touch:
-  O(tokens·nnz) work and memory, done on transposed copies so every gather reads contiguous
-  memory. When many entries share a row, one small matmul over the touched rows
-  (G[:, U]ᵀ X, |U| × d_in) followed by a gather is cheaper; :func:`_values_grad` picks.
+  O(tokens·nnz) work, in token chunks so the gathered buffers stay cache-sized; with K entries in
+  every row (GPS) G is broadcast instead of gathered. When many entries share a row, one small
+  matmul over the touched rows (G[:, U]ᵀ X, |U| × d_in) followed by a gather is cheaper;
+  :func:`_values_grad` picks.
 
 Other Conv2d layers (depthwise, strided stems) compute the dense kernel gradient transiently
 with ``torch.nn.grad.conv2d_weight`` and gather from it: those kernels are tiny (C × k²), so
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 #: cap on the elements of one gather chunk (keeps the transient T × chunk buffers small)
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 18
 #: use the touched-rows matmul when nnz ≥ this share of |U|·d_in (a matmul is ~this many times
 #: cheaper per multiply-add than a gathered elementwise product on CPU; see benchmarks/bench_tuners.py)
 ROW_MATMUL_SHARE = 1 / 16
@@ -35,14 +36,21 @@ def scatter_delta(weight: Tensor, values: Tensor, index: Tensor) -> Tensor:
 
 
 class SparseIndex:
-    """Precomputed geometry of a sparse unit on a matrix: rows, columns, touched rows."""
+    """Precomputed geometry of a sparse unit on a matrix: rows, columns, touched rows, layout."""
 
-    def __init__(self, index: Tensor, cols_per_row: int) -> None:
+    def __init__(self, index: Tensor, cols_per_row: int, rows_total: int | None = None) -> None:
         self.index = index
         self.rows = torch.div(index, cols_per_row, rounding_mode="floor")
         self.cols = index - self.rows * cols_per_row
         self.urows, self.uinv = torch.unique(self.rows, return_inverse=True)
         self.use_rows = index.numel() >= ROW_MATMUL_SHARE * self.urows.numel() * cols_per_row
+        # GPS layout: every row of the matrix has the same number K of entries (index is sorted)
+        n_rows = rows_total if rows_total is not None else int(self.rows.max()) + 1 if index.numel() else 0
+        self.per_row = 0
+        if n_rows and index.numel() % n_rows == 0 and self.urows.numel() == n_rows:
+            k = index.numel() // n_rows
+            if torch.equal(torch.bincount(self.rows, minlength=n_rows), torch.full((n_rows,), k)):
+                self.per_row = k
 
     def to(self, device: torch.device) -> "SparseIndex":
         if self.index.device != device:
@@ -51,19 +59,27 @@ class SparseIndex:
         return self
 
 
-def _values_grad(g_t: Tensor, x_t: Tensor, geo: SparseIndex) -> Tensor:
-    """grad δ from G (out × T) and X (in × T), both contiguous with tokens last."""
+def _values_grad(g: Tensor, x: Tensor, geo: SparseIndex) -> Tensor:
+    """grad δ_k = Σ_t G[t, row_k] · X[t, col_k] from G (T × out) and X (T × in), tokens first.
+
+    Chunks of tokens keep the gathered T × nnz buffers cache-sized. With K entries in every row
+    (GPS) G needs no gather: it broadcasts against the gathered X viewed as T × out × K.
+    """
     if geo.use_rows:
-        dw_rows = g_t.index_select(0, geo.urows) @ x_t.t()  # |U| × d_in
+        dw_rows = g.index_select(1, geo.urows).t() @ x  # |U| × d_in
         return dw_rows[geo.uinv, geo.cols]
-    nnz, tokens = geo.index.numel(), g_t.shape[1]
-    out = g_t.new_empty(nnz)
-    step = max(1, _CHUNK_ELEMENTS // max(1, tokens))
-    for s in range(0, nnz, step):
-        e = min(nnz, s + step)
-        a = g_t.index_select(0, geo.rows[s:e])
-        b = x_t.index_select(0, geo.cols[s:e])
-        out[s:e] = torch.linalg.vecdot(a, b)
+    tokens, nnz = g.shape[0], geo.index.numel()
+    step = max(1, _CHUNK_ELEMENTS // max(1, nnz))
+    if geo.per_row:
+        k = geo.per_row
+        out = g.new_zeros(g.shape[1], k)
+        for s in range(0, tokens, step):
+            xg = x[s:s + step].index_select(1, geo.cols).view(-1, g.shape[1], k)
+            out += (g[s:s + step].unsqueeze(-1) * xg).sum(0)
+        return out.view(-1)
+    out = g.new_zeros(nnz)
+    for s in range(0, tokens, step):
+        out += (g[s:s + step].index_select(1, geo.rows) * x[s:s + step].index_select(1, geo.cols)).sum(0)
     return out
 
 
@@ -90,7 +106,7 @@ class SparseLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         if ctx.needs_input_grad[3]:
-            gv = _values_grad(g2.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous(), geo)
+            gv = _values_grad(g2, x.reshape(-1, x.shape[-1]), geo)
         return gx, None, gb, gv, None
 
 
@@ -121,9 +137,9 @@ class SparseConv2dFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             pointwise = weight.shape[2:] == (1, 1) and groups == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
             if pointwise:  # a Linear over channels with tokens = N·H·W
-                g_t = gy.transpose(0, 1).reshape(gy.shape[1], -1)
-                x_t = x.transpose(0, 1).reshape(x.shape[1], -1)
-                gv = _values_grad(g_t.contiguous(), x_t.contiguous(), geo)
+                g2 = gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])
+                x2 = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+                gv = _values_grad(g2, x2, geo)
             else:
                 dw = torch.nn.grad.conv2d_weight(x, weight.shape, gy, stride, padding, dilation, groups)
                 gv = dw.reshape(-1).index_select(0, geo.index)
