@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_child
 from engine_helpers import TinyTask, freeze_first_block, same_history, tiny_vit, trainable
 from sensitune.engine.checkpoint import load_checkpoint
 from sensitune.engine.config import build_config
@@ -80,7 +81,6 @@ def _child(out: Path, *extra: str) -> subprocess.Popen:
 
 def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    ref = _child(ref_dir)  # uninterrupted, runs alongside the one we kill
     victim = _child(run_dir, "--slow", "0.02")
     ckpt = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 60
@@ -98,9 +98,9 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path):
     assert 4 <= state["global_step"] < 12  # killed mid-training, after at least one epoch
 
     resumed = _child(run_dir)
-    for p in (ref, resumed):
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err.decode()[-3000:]
+    train_child.main([str(ref_dir), "--augment"])  # the uninterrupted reference, in this process meanwhile
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err.decode()[-3000:]
     meta = json.loads((run_dir / "history.json").read_text())
     assert meta["resumed_from"]["global_step"] == state["global_step"]
     a, b = load_file(ref_dir / "final.safetensors"), load_file(run_dir / "final.safetensors")

@@ -31,7 +31,8 @@ class Slow(TinyTask):
         return super().__getitem__(i)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Also called in-process by the tests (same code path, one thread as in the child)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--slow", type=float, default=0.0)
@@ -41,7 +42,7 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=1)
     ap.add_argument("--drop-path", type=float, default=0.1)
     ap.add_argument("--augment", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(1)
     model = tiny_vit(drop_path=a.drop_path)
     freeze_first_block(model)
