@@ -155,3 +155,15 @@ def test_a_model_object_must_match_the_task(task, tmp_path):
     wrong = timm.create_model(MODEL, img_size=32, depth=1, num_classes=5)
     with pytest.raises(ValueError, match="head has 5 outputs but the task has 3 classes"):
         train(wrong, task, "linear", tmp_path / "r", log=lambda s: None, **FAST)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(augment="mixup"), ValueError, "augment='mixup' is unknown"),
+    (dict(eval_split="validation"), Exception, "validation"),
+    (dict(model="no_such_net_xyz"), Exception, "no_such_net_xyz"),
+])
+def test_setup_errors_leave_no_run_behind(task, tmp_path, kwargs, error, match):
+    model = kwargs.pop("model", MODEL)
+    with pytest.raises(error, match=match):
+        train(model, task, "linear", tmp_path / "r", log=lambda s: None, **{**FAST, **kwargs})
+    assert not (tmp_path / "r" / "run.json").exists()

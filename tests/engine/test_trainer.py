@@ -161,3 +161,38 @@ def test_no_trainable_parameter_is_an_error():
 def test_too_few_samples_for_a_full_batch_is_an_error():
     with pytest.raises(ValueError, match="no full batch"):
         fit(tiny_vit(), TinyTask(8), cfg(epochs=1, batch_size=16), log=lambda s: None)
+
+
+def test_grad_clip_limits_the_update():
+    # AdamW divides by sqrt(v) + eps: gradients clipped to a global norm far below eps barely move a weight
+    moved = {}
+    for clip in (None, 1e-12):
+        model = tiny_vit()
+        before = trainable(model)
+        fit(model, TinyTask(16), cfg(epochs=1, warmup_epochs=0, grad_clip=clip), log=lambda s: None)
+        after = trainable(model)
+        moved[clip] = max((after[n] - before[n]).abs().max().item() for n in before)
+    assert moved[None] > 1e-4
+    assert moved[1e-12] < 1e-3 * moved[None]
+
+
+def test_eval_every_adds_eval_columns(tmp_path):
+    model = tiny_vit()
+    r = fit(model, TinyTask(32), cfg(epochs=3, eval_every=1), eval_data=TinyTask(12, seed=5), out_dir=tmp_path,
+            log=lambda s: None)
+    # epochs 1 and 2 carry the periodic evaluation; the final one is the caller's (train() evaluates once more)
+    assert ["eval_acc" in row for row in r.history] == [True, True, False]
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:8] == ["epoch", "step", "lr", "train_loss", "train_acc", "images", "epoch_seconds", "images_per_s"]
+    assert "eval_acc" in header and r.last_eval["num_samples"] == 12
+
+
+def test_tensorboard_is_optional(tmp_path):
+    notes = []
+    fit(tiny_vit(), TinyTask(16), cfg(epochs=1, tensorboard=True), out_dir=tmp_path, log=notes.append)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert any("tensorboard: not installed" in n for n in notes)
+    else:
+        assert any((tmp_path / "tensorboard").iterdir())

@@ -221,6 +221,10 @@ def train(
     info = distributed(cfg.device)
     stage_seconds: dict[str, float] = {}
 
+    from sensitune.data import AUGMENTATIONS
+
+    if cfg.augment is not None and cfg.augment not in AUGMENTATIONS:
+        raise ValueError(f"config: augment={cfg.augment!r} is unknown; choose one of {', '.join(AUGMENTATIONS)}")
     facts = _task_facts(task, cfg)
     if cfg.img_size is None and facts["builtin"]:
         cfg.img_size = facts["mini_img_size"]  # the built-in tasks are small images
@@ -231,21 +235,19 @@ def train(
     if resuming and (out / "results.json").is_file():
         log(f"{out}: run already complete; returning its results")
         return read_json(out / "results.json")
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "run.json", {**identity, "config": cfg.to_dict(), "splits": [train_split, eval_split],
-                                      "world_size": info.world})
 
-    # model and data
+    # model and data (a bad model name, split or augmentation fails here, before run.json exists)
     t = time.perf_counter()
     torch.manual_seed(cfg.seed)  # a fresh head / random init is part of the run's seed
     net, source = _build_model(model, facts["num_classes"], cfg)
     from sensitune.models import weights_fingerprint
 
     base_fingerprint = weights_fingerprint(net)
-    if info.is_main:
-        write_json(out / "run.json", {**read_json(out / "run.json"), "base_fingerprint": base_fingerprint})
     train_data, train_plain, eval_data, task_info = _open_splits(task, cfg, net, train_split, eval_split, log)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", {**identity, "config": cfg.to_dict(), "splits": [train_split, eval_split],
+                                      "world_size": info.world, "base_fingerprint": base_fingerprint})
     device = resolve_device(cfg.device, info.local_rank)
     net.to(device)
     stage_seconds["setup"] = time.perf_counter() - t

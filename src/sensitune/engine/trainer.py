@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import random
@@ -197,8 +198,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     """Per-step linear warm-up from ``warmup_lr`` to ``lr``, then cosine down to ``min_lr``."""
     total = cfg.epochs * steps_per_epoch
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
-    return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=cfg.min_lr, warmup_t=warmup,
-                             warmup_lr_init=cfg.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)  # its "no effect" warning for a 1-step cosine is noise here
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=cfg.min_lr, warmup_t=warmup,
+                                 warmup_lr_init=cfg.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    finally:
+        timm_log.setLevel(level)
 
 
 def schedule_lr(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
