@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 # val accuracy by lr for the selection tests: 1e-3 and 1e-2 are within one point -> 1e-3 wins
@@ -21,7 +22,8 @@ def train(model, task, method, out, budget=None, config=None, *, resume=False, o
     with open(calls_file, "a") as fh:
         fh.write(json.dumps({"task": Path(str(task)).name, "method": method, "out": str(out), "seed": seed,
                              "protocol": protocol, "lr": lr, "resume": resume, "overwrite": overwrite,
-                             "options": method_options, "pid": os.getpid(), "overrides": overrides}) + "\n")
+                             "options": method_options, "pid": os.getpid(), "overrides": overrides,
+                             "threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None}) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"method": method}))
     if method in fail_on or (lr is not None and lr >= 0.5):

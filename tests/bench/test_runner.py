@@ -85,10 +85,13 @@ def test_failed_cell_is_kept_failed_until_retried(tmp_path):
 
 def test_method_options_reach_the_engine_and_label_the_column(tmp_path):
     log = tmp_path / "calls.jsonl"
-    manifest = bench(tmp_path, methods="lora,bi-lora:bits=32", tasks=["digits"], seeds=[0])
-    assert manifest["methods"] == ["lora", "bi-lora:bits=32"]
-    twin = [c for c in calls(log) if c["method"] == "bi-lora"]
-    assert twin[0]["options"] == {"bits": 32} and twin[0]["out"].endswith("digits/bi-lora+bits=32/seed0")
+    manifest = bench(tmp_path, methods="lora,bi-lora:bits=32:epochs=3", tasks=["digits"], seeds=[0])
+    assert manifest["methods"] == ["lora", "bi-lora:bits=32:epochs=3"]
+    lora, twin = calls(log)
+    # planner options go to method_options, training settings override the grid's for this column only
+    assert twin["options"] == {"bits": 32} and twin["overrides"]["epochs"] == 3
+    assert twin["out"].endswith("digits/bi-lora+bits=32+epochs=3/seed0")
+    assert lora["options"] is None and lora["overrides"]["epochs"] == 1
 
 
 def test_restart_with_other_settings_or_foreign_folder_is_refused(tmp_path):
@@ -103,12 +106,16 @@ def test_restart_with_other_settings_or_foreign_folder_is_refused(tmp_path):
         bench(tmp_path / "p", overrides={"seed": 3, "calls_file": "x"})
 
 
-def test_cells_run_in_their_own_process(tmp_path):
+def test_cells_run_in_their_own_processes_side_by_side(tmp_path):
     log = tmp_path / "calls.jsonl"
-    bench(tmp_path, methods="linear", tasks=["digits"], seeds=[0], isolate=True)
-    (only,) = calls(log)
-    assert only["pid"] != os.getpid()
-    assert (tmp_path / "res/digits/linear/seed0/results.json").is_file()
+    manifest = bench(tmp_path, methods="linear", seeds=[0], isolate=True, jobs=2, threads=1)
+    got = calls(log)
+    assert len(got) == 2 and all(c["pid"] != os.getpid() for c in got)
+    assert got[0]["pid"] != got[1]["pid"] and {c["threads"] for c in got} == {1}
+    assert not manifest["failed"] and all((tmp_path / "res" / c["path"] / "results.json").is_file()
+                                          for c in manifest["cells"])
+    with pytest.raises(ValueError, match="in-process"):
+        bench(tmp_path / "x", jobs=2)
 
 
 def test_choose_lr_and_parse_methods():

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -364,20 +365,28 @@ def plot_groups(summaries: Sequence[MethodSummary], groups: Sequence[str], path:
 
 
 def plot_heatmaps(cells: Sequence[Cell], folder: Path) -> list[Path]:
-    """Heat maps of the scored runs, drawn by the scoring package's own function."""
-    scored = [c for c in cells if c.scores and Path(c.scores).is_file()]
+    """Heat maps of where the scored runs' top scores sit, drawn by :mod:`sensitune.scoring.heatmap`.
+
+    k = the run's trainable parameters without the head (the budget its plan spent), so the
+    map shows where that many top-scored entries fall. One map per (task, method): the first seed.
+    """
+    scored = {}
+    for c in sorted(cells, key=lambda c: c.seed):
+        if c.scores and Path(c.scores).is_file():
+            scored.setdefault((c.task, c.method), c)
     if not scored:
         return []
-    try:
-        from sensitune.scoring import load_scores, plot_heatmap  # type: ignore[attr-defined]
-    except ImportError:
-        return []
+    from sensitune.scoring import ScoreMap
+    from sensitune.scoring.heatmap import placement, plot
+
     out = []
-    for c in scored:
-        path = folder / "heatmaps" / f"{c.task}__{c.method}__seed{c.seed}.png"
+    for c in scored.values():
+        scores = ScoreMap.load(c.scores)
+        k = max(1, min(int(c.params_no_head or 0) or scores.numel // 200, scores.numel))
+        p = placement(scores, k, scores.meta.get("tensors"))
+        path = folder / "heatmaps" / f"{c.task}__{re.sub(r'[^A-Za-z0-9._=-]+', '+', c.method)}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        plot_heatmap(load_scores(c.scores), path, title=f"{c.method} on {c.task}")
-        out.append(path)
+        out.append(plot(p, path, f"{c.method} scores on {c.task}: top {k:,} of {p.total:,} entries"))
     return out
 
 

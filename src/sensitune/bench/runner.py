@@ -34,8 +34,10 @@ import os
 import platform
 import re
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -53,7 +55,12 @@ IDENTITY = ("suite", "model", "data_root", "budget", "config", "overrides", "lr_
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method column: a preset name plus planner options, e.g. ``bi-lora:bits=32``."""
+    """A method column: a preset name plus options, e.g. ``bi-lora:bits=32`` or ``gps:score_batches=8``.
+
+    Options that are training settings (TrainConfig keys such as ``epochs``, ``score_batches``)
+    override the grid's settings for this column; any other key goes to the planner
+    (``method_options``).
+    """
 
     label: str
     name: str
@@ -91,6 +98,15 @@ def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
     return specs
 
 
+def _train_keys() -> set[str]:
+    """Method options that are training settings (TrainConfig keys) rather than planner options."""
+    from dataclasses import fields
+
+    from sensitune.engine.config import TrainConfig
+
+    return {f.name for f in fields(TrainConfig)} - {"method_options", "seed", "protocol", "lr"}
+
+
 def choose_lr(val_accuracy: dict[float, float | None], tie_tolerance: float = 1.0) -> float:
     """The smallest lr whose val accuracy is within ``tie_tolerance`` points of the best.
 
@@ -122,8 +138,13 @@ def _resolve(ref: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module), name)
 
 
-def _run_cell(train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str]) -> dict[str, Any]:
+def _run_cell(train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str],
+              threads: int | None) -> dict[str, Any]:
     """Run one cell (in this process); returns {'ok': True} or {'ok': False, 'error': ...}."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     for p in reversed(extra_sys_path):
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -141,8 +162,9 @@ def _run_cell(train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_p
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
 
 
-def _child(conn, train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str]) -> None:
-    conn.send(_run_cell(train_ref, kwargs, log_path, extra_sys_path))
+def _child(conn, train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str],
+           threads: int | None) -> None:
+    conn.send(_run_cell(train_ref, kwargs, log_path, extra_sys_path, threads))
     conn.close()
 
 
@@ -154,9 +176,9 @@ def _context() -> mp.context.BaseContext:
     return ctx
 
 
-def _run_isolated(ctx, train_ref: str, kwargs: dict[str, Any], log_path: str) -> dict[str, Any]:
+def _run_isolated(ctx, train_ref: str, kwargs: dict[str, Any], log_path: str, threads: int | None) -> dict[str, Any]:
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, train_ref, kwargs, log_path, list(sys.path)), daemon=True)
+    proc = ctx.Process(target=_child, args=(send, train_ref, kwargs, log_path, list(sys.path), threads), daemon=True)
     proc.start()
     send.close()
     try:
@@ -195,13 +217,16 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
               seeds: Sequence[int] = (0,), lr_grid: Sequence[float] | None = None, tie_tolerance: float = 1.0,
               config: Any = None, overrides: dict[str, Any] | None = None, isolate: bool = True,
               retry_failed: bool = False, progress: bool = True, train: str = DEFAULT_TRAIN,
-              command: str | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+              command: str | None = None, echo: Callable[[str], None] | None = None, jobs: int = 1,
+              threads: int | None = None) -> dict[str, Any]:
     """Run (or continue) the grid into ``out``; returns the manifest (also ``out/bench.json``).
 
     ``methods``: ``"a,b:key=value"`` or MethodSpecs; ``budget``: passed to budgeted methods only;
     ``overrides``: TrainConfig keys for every cell (e.g. epochs, img_size, batch_size);
     ``train``: ``"module:function"`` with the signature of :func:`sensitune.engine.train`
     (tests substitute a fake; the real engine is the default).
+    ``jobs``: (task, method) pairs run concurrently, each cell in its own process with
+    ``threads`` torch threads (on a small CPU two 1-thread cells beat one 2-thread cell).
     """
     from sensitune.methods import get_method
 
@@ -222,6 +247,10 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
         if key in overrides and (key != "lr" or grid):
             raise ValueError(f"override {key!r} is set by the bench protocol per cell; drop it")
     echo = echo or (lambda s: tqdm.write(s))
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"--jobs and --threads must be >= 1 (got {jobs}, {threads})")
+    if jobs > 1 and not isolate:
+        raise ValueError("--jobs > 1 runs cells side by side in their own processes; drop --in-process")
 
     identity = {"suite": suite, "model": model, "data_root": None if data_root is None else str(data_root),
                 "budget": budget, "config": None if config is None else str(config) if not isinstance(config, dict) else config,
@@ -246,7 +275,7 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
         "methods": [m.label for m in specs],
         "method_specs": {m.label: {"name": m.name, "options": m.options} for m in specs},
         "seeds": seeds, "select_eval": "val200" if grid else None, "final_eval": "test",
-        "isolated": isolate, "machine": _machine(),
+        "isolated": isolate, "jobs": jobs, "threads": threads, "machine": _machine(),
         "started": previous.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cells": [{"task": c.task.name, "group": c.task.group, "method": c.method.label, "seed": c.seed,
                    "path": c.path} for c in final_cells],
@@ -262,6 +291,7 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
     out.mkdir(parents=True, exist_ok=True)
     save()
     ctx = _context() if isolate else None
+    lock = threading.RLock()
     bar = tqdm(total=len(select_cells) + len(final_cells), desc="bench", unit="run", disable=not progress,
                dynamic_ncols=True)
 
@@ -269,65 +299,79 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
         """Run one cell unless finished/failed; returns its results (None when failed)."""
         run_dir = out / cell.path
         done = results_complete(run_dir)
-        if done is not None:
-            bar.update(1)
-            return done
-        if cell.path in manifest["failed"] and not retry_failed:
-            bar.update(1)
-            return None
-        retrying = manifest["failed"].pop(cell.path, None) is not None
+        with lock:
+            if done is not None or (cell.path in manifest["failed"] and not retry_failed):
+                bar.update(1)
+                return done
+            retrying = manifest["failed"].pop(cell.path, None) is not None
         resume = (run_dir / "run.json").is_file() and not retrying
         method = get_method(cell.method.name)
         cell_over = {**overrides, "seed": cell.seed, "protocol": "val" if cell.phase == "select" else "final",
                      "progress": False}
         if lr is not None:
             cell_over["lr"] = lr
-        if cell.method.options:
-            cell_over["method_options"] = dict(cell.method.options)
+        train_keys = _train_keys()
+        cell_over.update({k: v for k, v in cell.method.options.items() if k in train_keys})
+        planner = {k: v for k, v in cell.method.options.items() if k not in train_keys}
+        if planner:
+            cell_over["method_options"] = planner
         kwargs = dict(model=model, task=cell.task.task, method=cell.method.name, out=str(run_dir),
                       budget=budget if method.budget != "none" else None, config=config,
                       resume=resume, overwrite=retrying and (run_dir / "run.json").is_file(), **cell_over)
-        bar.set_postfix_str(f"{cell.task.name} {cell.method.label} {cell.phase} seed {cell.seed}"
-                            + (f" lr {lr:g}" if lr is not None else ""))
+        with lock:
+            bar.set_postfix_str(f"{cell.task.name} {cell.method.label} {cell.phase} seed {cell.seed}"
+                                + (f" lr {lr:g}" if lr is not None else ""))
         log_path = str(out / "logs" / (cell.path.replace("/", "__") + ".log"))
         t0 = time.perf_counter()
-        outcome = (_run_isolated(ctx, train, kwargs, log_path) if isolate
-                   else _run_cell(train, kwargs, log_path, []))
-        bar.update(1)
+        outcome = (_run_isolated(ctx, train, kwargs, log_path, threads) if isolate
+                   else _run_cell(train, kwargs, log_path, [], threads))
         res = results_complete(run_dir) if outcome["ok"] else None
-        if res is None:
-            manifest["failed"][cell.path] = outcome.get("error") or "finished without a complete results.json"
-            echo(f"FAILED {cell.path}: {manifest['failed'][cell.path]} (log: {log_path})")
-        else:
-            echo(f"{cell.task.name:>14} {cell.method.label:<16} {cell.phase:<6} seed {cell.seed}"
-                 + (f" lr {res.get('lr', lr):<8g}" if lr is not None or grid else "")
-                 + f" {res.get('eval_split', ''):>14} acc {float(res['accuracy']):6.2f}%"
-                 + f"  ({time.perf_counter() - t0:.0f}s)")
-        save()
+        with lock:
+            bar.update(1)
+            if res is None:
+                manifest["failed"][cell.path] = outcome.get("error") or "finished without a complete results.json"
+                echo(f"FAILED {cell.path}: {manifest['failed'][cell.path]} (log: {log_path})")
+            else:
+                echo(f"{cell.task.name:>14} {cell.method.label:<16} {cell.phase:<6} seed {cell.seed}"
+                     + (f" lr {res.get('lr', lr):<8g}" if lr is not None or grid else "")
+                     + f" {res.get('eval_split', ''):>14} acc {float(res['accuracy']):6.2f}%"
+                     + f"  ({time.perf_counter() - t0:.0f}s)")
+            save()
         return res
 
-    try:
-        for task in task_list:
-            for spec in specs:
-                lr_choice: float | None = None
-                if grid:
-                    key = f"{task.name}/{spec.label}"
-                    val = {}
-                    for cell in (c for c in select_cells if c.task is task and c.method is spec):
-                        res = run(cell, cell.lr)
-                        val[cell.lr] = None if res is None else float(res["accuracy"])
-                    try:
-                        lr_choice = choose_lr(val, tie_tolerance)
-                    except ValueError as exc:
-                        for cell in (c for c in final_cells if c.task is task and c.method is spec):
-                            manifest["failed"][cell.path] = f"no lr selected: {exc}"
-                            bar.update(1)
-                        save()
-                        continue
-                    manifest["selection"][key] = {"lr": lr_choice, "val_accuracy": {f"{k:g}": v for k, v in val.items()}}
+    def unit(task: SuiteTask, spec: MethodSpec) -> None:
+        """One (task, method): its lr selection (if any), then its final cells, in that order."""
+        lr_choice: float | None = None
+        if grid:
+            val = {}
+            for cell in (c for c in select_cells if c.task is task and c.method is spec):
+                res = run(cell, cell.lr)
+                val[cell.lr] = None if res is None else float(res["accuracy"])
+            try:
+                lr_choice = choose_lr(val, tie_tolerance)
+            except ValueError as exc:
+                with lock:
+                    for cell in (c for c in final_cells if c.task is task and c.method is spec):
+                        manifest["failed"][cell.path] = f"no lr selected: {exc}"
+                        bar.update(1)
                     save()
-                for cell in (c for c in final_cells if c.task is task and c.method is spec):
-                    run(cell, lr_choice)
+                return
+            with lock:
+                manifest["selection"][f"{task.name}/{spec.label}"] = {
+                    "lr": lr_choice, "val_accuracy": {f"{k:g}": v for k, v in val.items()}}
+                save()
+        for cell in (c for c in final_cells if c.task is task and c.method is spec):
+            run(cell, lr_choice)
+
+    units = [(t, m) for t in task_list for m in specs]
+    try:
+        if jobs == 1:
+            for t, m in units:
+                unit(t, m)
+        else:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                for f in [pool.submit(unit, t, m) for t, m in units]:
+                    f.result()
     finally:
         bar.close()
         save()

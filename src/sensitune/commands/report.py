@@ -17,7 +17,8 @@ def register(subparsers) -> None:
         description="For a scores file: take the global top-BUDGET entries and count them per block and kind "
                     "of tensor (q/k/v/proj/fc1/fc2/norms/biases, conv_pw/conv_dw/conv_pwl ...); print the "
                     "table and write a PNG heat map.")
-    p.add_argument("path", metavar="PATH", help="a scores .safetensors file")
+    p.add_argument("path", metavar="PATH", help="a scores .safetensors file, or a `sensitune bench` results folder "
+                   "(tables + plots: report.md, *.csv, *.png)")
     p.add_argument("--budget", default="0.4M",
                    help="entries to place: 400000, 0.4M, 400k, or 0.5%% of the backbone (default 0.4M)")
     p.add_argument("--png", metavar="FILE", help="heat map to write (default: PATH with _heatmap.png)")
@@ -29,9 +30,16 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_file() and path.suffix == ".safetensors":
         return report_scores(path, args.budget, args.png, args.title)
+    if path.is_dir() and (path / "bench.json").is_file():  # a `sensitune bench` results folder
+        from sensitune.bench.report import write_report
+
+        report = write_report(path)
+        print(report["markdown"])
+        print(f"report -> {path / 'report.md'} ({len(report['files'])} files)")
+        return 0
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    raise ValueError(f"cannot report on {path}: expected a scores .safetensors file")
+    raise ValueError(f"cannot report on {path}: expected a scores .safetensors file or a bench results folder")
 
 
 def report_scores(path: Path, budget: str, png: str | None, title: str = "") -> int:
