@@ -16,8 +16,7 @@ from sensitune.tuners import apply_plan, applied_plan
 from .helpers import images, lite0, make_plan, trained, tuned_vit, units_for, vit
 
 
-@pytest.mark.parametrize("kind", ["lora", "spt", "bitfit", "bilora1", "bilora2", "bilora4", "bilora8",
-                                  "adapter", "adaptformer", "linear"])
+@pytest.mark.parametrize("kind", ["lora", "spt", "bilora1", "bilora2", "bilora4", "bilora8", "adaptformer"])
 def test_round_trip_is_bit_identical(tmp_path, kind):
     model = tuned_vit(kind)
     x = images()
@@ -272,9 +271,9 @@ def test_batchnorm_statistics_travel_with_the_delta(tmp_path):
     model.train()
     with torch.no_grad():
         for _ in range(2):
-            model(torch.randn(4, 3, 64, 64))
+            model(torch.randn(2, 3, 32, 32))
     model.eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
     save_delta(model, tmp_path / "d")

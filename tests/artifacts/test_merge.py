@@ -62,7 +62,7 @@ def test_merged_conv_model():
              Unit("classifier.weight", "head", s["classifier.weight"]), Unit("classifier.bias", "head", s["classifier.bias"])]
     # float64: random-init Lite0 logits are ~10, where float32 rounding alone is ~1e-5
     model = trained(base, make_plan(base, units)).double()
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         expected = model(x)
         plain = merge(model).eval()
