@@ -2,7 +2,6 @@
 import json
 import math
 import pickle
-import warnings
 from pathlib import Path
 
 import pytest
