@@ -321,3 +321,30 @@ def test_every_method_round_trips(tmp_path, method):
         assert torch.equal(load_delta(vit(0), tmp_path / "d").eval()(x), expected)
     if method != "full":  # a delta is small: only what was trained
         assert delta.storage["tensor_bytes"] < 0.5 * 4 * sum(p.numel() for p in vit(0).parameters())
+
+
+def test_hugging_face_backbone_rebuilt_by_name(tmp_path):
+    """An ``hf:<local dir>`` backbone: the delta rebuilds it from its recorded name; merge keeps
+    the backbone's own logits wrapper but no tuning code."""
+    transformers = pytest.importorskip("transformers")
+    from sensitune.artifacts import merge
+    from sensitune.artifacts.merge import is_plain
+    from sensitune.models import create_backbone
+    from sensitune.planning import make_plan
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=4)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "hf")
+    base = create_backbone(f"hf:{tmp_path / 'hf'}", 3)
+    model = trained(base, make_plan(base, None, "lora", rank=2))
+    x = images(2)
+    with torch.no_grad():
+        expected = model(x)
+    save_delta(model, tmp_path / "d")
+    assert read_delta(tmp_path / "d").meta["backbone"]["pretrained"] == "auto"
+    with torch.no_grad():
+        assert torch.equal(load_delta(None, tmp_path / "d").eval()(x), expected)
+        plain = merge(model).eval()
+        assert is_plain(plain) == []
+        torch.testing.assert_close(plain(x), expected, atol=1e-5, rtol=0)

@@ -331,6 +331,8 @@ def _source(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
     weights = str(src.get("weights", src.get("pretrained", "unknown")))
     if "pretrained_arg" in src:
         arg = src["pretrained_arg"]
+    elif str(src.get("name", "")).startswith("hf:"):
+        arg = "auto"  # Hugging Face backbones load their own weights (repo id or local dir in the name)
     elif weights == "none":
         arg = "none"
     elif Path(weights).is_absolute():

@@ -118,12 +118,14 @@ def nonlinear_units(plan) -> list[str]:
 
 
 def is_plain(model: nn.Module) -> list[str]:
-    """Problems that make ``model`` not a plain torch/timm model (empty list = plain)."""
+    """Problems that make ``model`` need sensitune's tuning code (empty list = plain)."""
     problems = []
     for name, m in model.named_modules():
         where = name or "<root>"
         mod = type(m).__module__
-        if not (mod.startswith("torch.") or mod.startswith("timm.")):
+        # tuning code must be gone; a backbone's own wrapper (sensitune.models, e.g. the Hugging
+        # Face logits wrapper) is part of the base model and stays
+        if mod.startswith("sensitune.") and not mod.startswith("sensitune.models"):
             problems.append(f"{where}: class {type(m).__module__}.{type(m).__name__}")
         for attr in _INSTANCE_ATTRS:
             if attr in m.__dict__:
