@@ -172,7 +172,10 @@ def _context() -> mp.context.BaseContext:
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["sensitune.engine.pipeline"])
+        # everything a cell imports, paid once by the server instead of once per cell
+        ctx.set_forkserver_preload(["sensitune.engine.pipeline", "sensitune.scoring", "sensitune.planning",
+                                    "sensitune.tuners", "sensitune.artifacts", "sensitune.data.transforms",
+                                    "matplotlib.pyplot"])
     return ctx
 
 

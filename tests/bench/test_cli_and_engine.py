@@ -1,0 +1,42 @@
+"""The CLI entry points, and one real grid through the real engine (tiny random model)."""
+from __future__ import annotations
+
+import json
+
+from sensitune.bench import run_bench, write_report
+from sensitune.cli import main
+from test_report import make_bench
+
+
+def test_report_command_dispatches_a_bench_folder(tmp_path, capsys):
+    make_bench(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| m1 |" in out and (tmp_path / "report.md").is_file() and (tmp_path / "groups.png").is_file()
+
+
+def test_bench_command_refuses_bad_input(tmp_path, capsys):
+    assert main(["bench", "--suite", "vtab1k", "--out", str(tmp_path / "r")]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    assert main(["bench", "--suite", "vtab1k", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "19 task folder(s) missing" in capsys.readouterr().err
+    assert main(["bench", "--suite", "mini", "--methods", "lora,nope", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_real_engine_cells_feed_the_report(tmp_path):
+    """Two real train() runs (random-init timm test model, 32 px, 1 epoch): the report reads their results."""
+    out = tmp_path / "res"
+    manifest = run_bench(suite="mini", tasks=["textures"], model="test_efficientnet", methods="linear,bitfit",
+                         out=out, overrides={"pretrained": "none", "img_size": 32, "epochs": 1, "batch_size": 50,
+                                    "train_split": "val200", "eval_split": "val200"},  # small and quick
+                         isolate=False, threads=1, progress=False, echo=lambda s: None)
+    assert not manifest["failed"]
+    results = {m: json.loads((out / f"textures/{m}/seed0/results.json").read_text()) for m in ("linear", "bitfit")}
+    assert all(r["protocol"] == "final" and r["eval_split"] == "val200" for r in results.values())
+    report = write_report(out, plots=False)
+    linear, bitfit = report["summaries"]
+    assert linear.task_mean["textures"] == results["linear"]["accuracy"]
+    assert linear.costs["params_no_head"] == 0 and bitfit.costs["params_no_head"] > 0
+    assert bitfit.costs["params"] == results["bitfit"]["trainable_params"]
+    assert linear.costs["bytes"] == results["linear"]["delta_bytes_on_disk"] > 0
