@@ -206,11 +206,12 @@ def gps_scores(model: nn.Module, data: Dataset | DataLoader, *, loss: str = "sup
             else:
                 value = F.cross_entropy(model(x), y)
             common.check_connected(value, "gps")
+            loss_sum += common.check_loss(value, b, "gps")
             grads = torch.autograd.grad(value, params, allow_unused=True)
             pairs = [(a, g.to(a.dtype)) for a, g in zip(acc, grads) if g is not None]
             if pairs:
                 torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
-            loss_sum += common.check_loss(value, b, "gps")
+            del grads, pairs, value  # free this batch's gradients before the next forward (peak memory)
             seen += len(y)
             bar.update(1)
 

@@ -49,10 +49,11 @@ def sensitivity_scores(model: nn.Module, data: Dataset | DataLoader, *, batch_si
             x = x.to(device, non_blocking=True)
             y = torch.as_tensor(y).to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
+            loss_sum += common.check_loss(loss, b, method)
             common.check_connected(loss, method)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             _accumulate_squares(acc, grads)
-            loss_sum += common.check_loss(loss, b, method)
+            del grads, loss  # free this batch's gradients before the next forward (peak memory)
             seen += len(y)
             bar.update(1)
 
