@@ -156,7 +156,7 @@ def test_peft_carries_batchnorm_statistics_of_a_conv_model(tmp_path):
     from .helpers import lite0
 
     base = lite0()
-    model = trained(base, plan_for(lite0(), None, "lora", rank=2))
+    model = trained(base, plan_for(lite0(), None, "lora", rank=2, targets=r"blocks\.[12]\.\d+\.conv_pw"))
     model.train()
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
@@ -166,7 +166,7 @@ def test_peft_carries_batchnorm_statistics_of_a_conv_model(tmp_path):
     assert result.left_out == []
     cfg = __import__("json").loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert "bn1" in cfg["modules_to_save"] and "classifier" in cfg["modules_to_save"]
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    loaded = peft.PeftModel.from_pretrained(lite0().double(), str(tmp_path / "p")).eval()
-    with torch.no_grad():  # float64: random-init Lite0 logits are large
-        torch.testing.assert_close(loaded(x), model.double()(x), atol=1e-5, rtol=0)
+    x = torch.randn(2, 3, 32, 32)
+    loaded = peft.PeftModel.from_pretrained(lite0(), str(tmp_path / "p")).eval()
+    with torch.no_grad():  # PEFT runs the LoRA unmerged, as we do: same operations
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=0)
