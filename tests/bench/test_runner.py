@@ -92,6 +92,11 @@ def test_method_options_reach_the_engine_and_label_the_column(tmp_path):
     assert twin["options"] == {"bits": 32} and twin["overrides"]["epochs"] == 3
     assert twin["out"].endswith("digits/bi-lora+bits=32+epochs=3/seed0")
     assert lora["options"] is None and lora["overrides"]["epochs"] == 1
+    bench(tmp_path / "lr", methods="lora:lr=0.01", tasks=["digits"], seeds=[0],
+          overrides={"calls_file": str(tmp_path / "lr.jsonl")})
+    assert calls(tmp_path / "lr.jsonl")[0]["lr"] == 0.01  # a column's own lr, without a grid
+    with pytest.raises(ValueError, match="exclude each other"):
+        bench(tmp_path / "lr2", methods="lora:lr=0.01", lr_grid=[1e-3])
 
 
 def test_restart_with_other_settings_or_foreign_folder_is_refused(tmp_path):
@@ -114,6 +119,7 @@ def test_cells_run_in_their_own_processes_side_by_side(tmp_path):
     assert got[0]["pid"] != got[1]["pid"] and {c["threads"] for c in got} == {1}
     assert not manifest["failed"] and all((tmp_path / "res" / c["path"] / "results.json").is_file()
                                           for c in manifest["cells"])
+    assert set(manifest["cpu_seconds"]) == {c["path"] for c in manifest["cells"]}
     with pytest.raises(ValueError, match="in-process"):
         bench(tmp_path / "x", jobs=2)
 

@@ -47,6 +47,7 @@ class Cell:
     bytes: int | None = None  # delta on disk
     bytes_no_head: int | None = None  # plan estimate without the head
     train_seconds: float | None = None
+    cpu_seconds: float | None = None  # the whole cell's CPU time (bench records it per process)
     peak_memory_mb: float | None = None
     images_per_s: float | None = None
     lr: float | None = None
@@ -78,6 +79,7 @@ COST_COLUMNS = [
     ("bytes", "bytes on disk"),
     ("bytes_no_head", "bytes without head"),
     ("train_seconds", "training time (s)"),
+    ("cpu_seconds", "cell CPU time (s)"),
     ("peak_memory_mb", "peak memory (MB)"),
     ("images_per_s", "images/s"),
 ]
@@ -141,6 +143,7 @@ def load_cells(folder: str | Path) -> tuple[dict[str, Any], list[Cell]]:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         cell = cell_from_results(results, task=entry["task"], group=entry["group"], method=entry["method"],
                                  seed=entry["seed"], run=entry["path"])
+        cell.cpu_seconds = (manifest.get("cpu_seconds") or {}).get(entry["path"])
         if cell.scores and not Path(cell.scores).is_absolute():
             cell.scores = str(folder / entry["path"] / cell.scores)
         cells.append(cell)
@@ -275,6 +278,7 @@ def cost_table(summaries: Sequence[MethodSummary]) -> tuple[list[str], list[list
         rows.append([s.method, fmt_count(c["params"]), fmt_count(c["params_no_head"]), fmt_bytes(c["bytes"]),
                      fmt_bytes(c["bytes_no_head"]),
                      "—" if c["train_seconds"] is None else f"{c['train_seconds']:.1f}",
+                     "—" if c["cpu_seconds"] is None else f"{c['cpu_seconds']:.0f}",
                      "—" if c["peak_memory_mb"] is None else f"{c['peak_memory_mb']:.0f}",
                      "—" if c["images_per_s"] is None else f"{c['images_per_s']:.0f}"])
     return header, rows
@@ -452,7 +456,7 @@ def write_report(folder: str | Path, out: str | Path | None = None, *, plots: bo
                             + [_r(s.group_mean.get(g)) for g in groups] + [_r(s.mean_of_groups), _r(s.mean_of_tasks)])
     cost_csv_rows = [[s.method] + [_r(s.costs[k]) for k, _ in COST_COLUMNS] for s in summaries]
     cell_fields = ["task", "group", "method", "seed", "accuracy", "params", "params_no_head", "bytes", "bytes_no_head",
-                   "train_seconds", "peak_memory_mb", "images_per_s", "lr", "run"]
+                   "train_seconds", "cpu_seconds", "peak_memory_mb", "images_per_s", "lr", "run"]
     for name, content in (("report.md", text),
                           ("accuracy.csv", _csv_text(acc_header, acc_csv_rows)),
                           ("costs.csv", _csv_text(["method"] + [k for k, _ in COST_COLUMNS], cost_csv_rows)),

@@ -57,8 +57,8 @@ IDENTITY = ("suite", "model", "data_root", "budget", "config", "overrides", "lr_
 class MethodSpec:
     """A method column: a preset name plus options, e.g. ``bi-lora:bits=32`` or ``gps:score_batches=8``.
 
-    Options that are training settings (TrainConfig keys such as ``epochs``, ``score_batches``)
-    override the grid's settings for this column; any other key goes to the planner
+    Options that are training settings (TrainConfig keys such as ``epochs``, ``score_batches``,
+    and ``lr`` when there is no lr grid) override the grid's settings for this column; any other key goes to the planner
     (``method_options``).
     """
 
@@ -154,16 +154,30 @@ def _run_cell(train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_p
             fh.write(str(msg) + "\n")
             fh.flush()
 
+        cpu0 = time.process_time()  # all threads of this process: the cell's cost on an idle machine
         try:
             _resolve(train_ref)(**kwargs, log=log)
-            return {"ok": True}
+            return {"ok": True, "cpu_seconds": time.process_time() - cpu0}
         except Exception as exc:  # a failed cell must not stop the grid
             fh.write(traceback.format_exc())
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
 
 
+def _die_with_parent() -> None:
+    """Linux: the cell gets SIGTERM when its parent (the fork server) exits, so a killed bench
+    leaves no orphan cells training in the background."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _child(conn, train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str],
            threads: int | None) -> None:
+    _die_with_parent()
     conn.send(_run_cell(train_ref, kwargs, log_path, extra_sys_path, threads))
     conn.close()
 
@@ -243,6 +257,8 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
     if not seeds:
         raise ValueError("--seeds: give at least one seed")
     grid = sorted({float(x) for x in lr_grid}) if lr_grid else None
+    if grid and any("lr" in m.options for m in specs):
+        raise ValueError("a method's own lr (method:lr=...) and --lr-grid exclude each other")
     if grid and any(x <= 0 for x in grid):
         raise ValueError(f"--lr-grid: learning rates must be positive, got {grid}")
     overrides = dict(overrides or {})
@@ -285,6 +301,7 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
         "select_cells": [{"task": c.task.name, "method": c.method.label, "lr": c.lr, "path": c.path} for c in select_cells],
         "failed": dict(previous.get("failed") or {}),
         "selection": dict(previous.get("selection") or {}),
+        "cpu_seconds": dict(previous.get("cpu_seconds") or {}),
     }
 
     def save() -> None:
@@ -313,7 +330,7 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
                      "progress": False}
         if lr is not None:
             cell_over["lr"] = lr
-        train_keys = _train_keys()
+        train_keys = _train_keys() | ({"lr"} if not grid else set())
         cell_over.update({k: v for k, v in cell.method.options.items() if k in train_keys})
         planner = {k: v for k, v in cell.method.options.items() if k not in train_keys}
         if planner:
@@ -335,6 +352,8 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
                 manifest["failed"][cell.path] = outcome.get("error") or "finished without a complete results.json"
                 echo(f"FAILED {cell.path}: {manifest['failed'][cell.path]} (log: {log_path})")
             else:
+                if outcome.get("cpu_seconds") is not None:
+                    manifest["cpu_seconds"][cell.path] = round(outcome["cpu_seconds"], 1)
                 echo(f"{cell.task.name:>14} {cell.method.label:<16} {cell.phase:<6} seed {cell.seed}"
                      + (f" lr {res.get('lr', lr):<8g}" if lr is not None or grid else "")
                      + f" {res.get('eval_split', ''):>14} acc {float(res['accuracy']):6.2f}%"
