@@ -12,7 +12,7 @@ Every tensor not named by a unit stays frozen. Unit modes:
                 ``target`` is the block's module name and ``shape`` is (d_in, d_out).
 
 On disk a plan is JSON (human-readable) plus a safetensors file beside it holding the sparse
-indices in the narrowest integer dtype that fits. :meth:`Plan.parameters` lists the trainable
+indices in the narrowest integer dtype that fits (int64 in memory). :meth:`Plan.parameters` lists the trainable
 parameters that :func:`sensitune.apply_plan` creates or unfreezes, with their role, so the
 engine can build parameter groups and the artifacts can save exactly what was trained.
 """
@@ -186,7 +186,7 @@ def _packed(numel: int, bits: int) -> int:
 
 
 def index_dtype(numel: int) -> torch.dtype:
-    """Narrowest signed integer dtype that holds every flat index of a tensor with ``numel`` entries."""
+    """Narrowest integer dtype (uint8, int16, int32, int64) that holds every flat index of a tensor with ``numel`` entries."""
     for dt in (torch.uint8, torch.int16, torch.int32):
         if numel - 1 <= torch.iinfo(dt).max:
             return dt

@@ -153,7 +153,8 @@ def _get_module(modules: dict[str, nn.Module], name: str, unit: Unit) -> nn.Modu
 
 
 def _conv_geometry(m: nn.Conv2d) -> dict:
-    _, pad = (None, (0, 0)) if type(m).__name__ == "Conv2dSame" else (None, m.padding)
+    """The conv's geometry for a LoRA down-projection that reads the same (pre-padded) input."""
+    pad = (0, 0) if type(m).__name__ == "Conv2dSame" else m.padding
     return {"in_channels": m.in_channels, "kernel": tuple(m.kernel_size), "stride": m.stride,
             "padding": pad, "dilation": m.dilation}
 
