@@ -22,7 +22,7 @@ def train(model, task, method, out, budget=None, config=None, *, resume=False, o
     with open(calls_file, "a") as fh:
         fh.write(json.dumps({"task": Path(str(task)).name, "method": method, "out": str(out), "seed": seed,
                              "protocol": protocol, "lr": lr, "resume": resume, "overwrite": overwrite,
-                             "options": method_options, "pid": os.getpid(), "overrides": overrides,
+                             "options": method_options, "budget": budget, "pid": os.getpid(), "overrides": overrides,
                              "threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None}) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"method": method}))

@@ -95,6 +95,11 @@ def test_method_options_reach_the_engine_and_label_the_column(tmp_path):
     bench(tmp_path / "lr", methods="lora:lr=0.01", tasks=["digits"], seeds=[0],
           overrides={"calls_file": str(tmp_path / "lr.jsonl")})
     assert calls(tmp_path / "lr.jsonl")[0]["lr"] == 0.01  # a column's own lr, without a grid
+    bench(tmp_path / "b", methods="lora,bi-lora:budget=5%", tasks=["digits"], seeds=[0], budget="1M",
+          overrides={"calls_file": str(tmp_path / "b.jsonl")})
+    lora, bi = calls(tmp_path / "b.jsonl")
+    # lora takes no budget (the grid's is not passed); a column's own budget is, and is no planner option
+    assert lora["budget"] is None and bi["budget"] == "5%" and bi["options"] is None
     with pytest.raises(ValueError, match="exclude each other"):
         bench(tmp_path / "lr2", methods="lora:lr=0.01", lr_grid=[1e-3])
 

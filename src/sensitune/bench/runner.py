@@ -58,7 +58,8 @@ class MethodSpec:
     """A method column: a preset name plus options, e.g. ``bi-lora:bits=32`` or ``gps:score_batches=8``.
 
     Options that are training settings (TrainConfig keys such as ``epochs``, ``score_batches``,
-    and ``lr`` when there is no lr grid) override the grid's settings for this column; any other key goes to the planner
+    and ``lr`` when there is no lr grid) override the grid's settings for this column, as does
+    ``budget`` (e.g. ``spt-lora:budget=5%`` beside ``lora`` for an equal-budget comparison); any other key goes to the planner
     (``method_options``).
     """
 
@@ -332,11 +333,12 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
             cell_over["lr"] = lr
         train_keys = _train_keys() | ({"lr"} if not grid else set())
         cell_over.update({k: v for k, v in cell.method.options.items() if k in train_keys})
-        planner = {k: v for k, v in cell.method.options.items() if k not in train_keys}
+        planner = {k: v for k, v in cell.method.options.items() if k not in train_keys and k != "budget"}
+        cell_budget = cell.method.options.get("budget", budget if method.budget != "none" else None)
         if planner:
             cell_over["method_options"] = planner
         kwargs = dict(model=model, task=cell.task.task, method=cell.method.name, out=str(run_dir),
-                      budget=budget if method.budget != "none" else None, config=config,
+                      budget=None if cell_budget is None else str(cell_budget), config=config,
                       resume=resume, overwrite=retrying and (run_dir / "run.json").is_file(), **cell_over)
         with lock:
             bar.set_postfix_str(f"{cell.task.name} {cell.method.label} {cell.phase} seed {cell.seed}"
