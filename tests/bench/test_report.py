@@ -104,3 +104,21 @@ def test_report_files_tables_and_plots(tmp_path):
 def test_not_a_bench_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="bench.json"):
         write_report(tmp_path)
+
+
+def test_heatmap_of_a_scored_run(tmp_path):
+    """A run folder with scores.safetensors gets a heat map for its budget (k = params without head)."""
+    import matplotlib.image as mpimg
+    import torch
+
+    from sensitune.scoring import ScoreMap
+
+    folder = make_bench(tmp_path)
+    # m2's runs trained 10,000 parameters without the head: place the top 10,000 of 30,000 scores
+    scores = {"blocks.0.mlp.fc1.weight": torch.rand(100, 100), "blocks.1.mlp.fc1.weight": torch.rand(100, 100) + 1.0,
+              "blocks.1.attn.proj.weight": torch.rand(100, 100)}
+    ScoreMap(scores, {"method": "sensitivity"}).save(folder / "a/m2/seed0/scores.safetensors")
+    report = write_report(folder)
+    (png,) = [p for p in report["files"] if p.parent.name == "heatmaps"]
+    assert png.name == "a__m2.png" and mpimg.imread(png).std() > 0
+    assert "](heatmaps/a__m2.png)" in report["markdown"]

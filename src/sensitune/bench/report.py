@@ -390,7 +390,7 @@ def plot_heatmaps(cells: Sequence[Cell], folder: Path) -> list[Path]:
         p = placement(scores, k, scores.meta.get("tensors"))
         path = folder / "heatmaps" / f"{c.task}__{re.sub(r'[^A-Za-z0-9._=-]+', '+', c.method)}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        out.append(plot(p, path, f"{c.method} scores on {c.task}: top {k:,} of {p.total:,} entries"))
+        out.append(plot(p, path, f"{c.method} on {c.task}\ntop {k:,} of {p.total:,} scores"))
     return out
 
 
