@@ -419,7 +419,7 @@ def write_report(folder: str | Path, out: str | Path | None = None, *, plots: bo
     seeds = manifest.get("seeds", [])
     md += [f"Accuracy (%) on the final evaluation split ({manifest.get('final_eval', 'test')}), "
            f"mean ± std over seeds {seeds} where more than one seed finished. "
-           f"Learning rate: {'selected on ' + manifest.get('select_eval', 'val') if manifest.get('lr_grid') else 'method default'}. "
+           f"Learning rate: {'selected on ' + manifest.get('select_eval', 'val') if manifest.get('lr_grid') else 'the method default unless the column label sets lr='}. "
            f"'{MEAN_OF_GROUPS}' averages the {len(groups)} group means; '{MEAN_OF_TASKS}' averages all {len(tasks)} tasks.", ""]
     md += [_md_table(acc_header, acc_rows), ""]
     md += ["Costs (mean over the method's finished runs):", "", _md_table(cost_header, cost_rows), ""]
