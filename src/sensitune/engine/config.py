@@ -19,6 +19,8 @@ import yaml
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PROTOCOLS = ("val", "final")
+FROZEN_BN = ("eval", "train")
+HEAD_INITS = ("zero", "default")
 
 
 @dataclass
@@ -36,6 +38,18 @@ class TrainConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     grad_clip: float | None = None  # max global grad norm; None = no clipping
+    head_lr: float | None = None  # lr of the classification head (None = ``lr``); warm-up and cosine apply alike
+    # "zero": a freshly made head (model built from a name) starts at 0 weight and bias, so the
+    # first steps see the uniform-prediction loss log(C) instead of a random head's larger loss
+    # and the backbone's first gradients are not driven by a random head (as BiT does);
+    # "default": the model library's own initialisation (timm), as the papers' recipes
+    head_init: str = "default"
+    # BatchNorm (any norm layer with running statistics) whose affine parameters the plan
+    # leaves frozen: "eval" keeps its pretrained statistics during training (a frozen layer
+    # stays frozen, so a linear probe is a true probe and the delta need not carry statistics);
+    # "train" lets batch statistics normalise and move the running statistics (the old
+    # behaviour). Norm layers the plan trains (full, bitfit, sparse entries) always train.
+    frozen_bn: str = "eval"
     label_smoothing: float = 0.0
     drop_path: float = 0.0
     augment: str | None = None  # passed to sensitune.data.build_transform (None = no augmentation)
@@ -92,6 +106,10 @@ class TrainConfig:
         need(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
         need(self.precision in PRECISIONS, "precision", f"choose one of {PRECISIONS}")
         need(self.protocol in PROTOCOLS, "protocol", f"choose one of {PROTOCOLS}")
+        need(self.frozen_bn in FROZEN_BN, "frozen_bn", f"choose one of {FROZEN_BN}")
+        need(self.head_init in HEAD_INITS, "head_init", f"choose one of {HEAD_INITS}")
+        need(self.head_lr is None or (self.head_lr > 0 and math.isfinite(self.head_lr)), "head_lr",
+             "must be a positive number or null")
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every", "must be >= 0")
         need(self.img_size is None or self.img_size >= 8, "img_size", "must be >= 8 pixels")
@@ -102,8 +120,9 @@ class TrainConfig:
 #: Built-in recipes usable as ``--config NAME``.
 RECIPES: dict[str, dict[str, Any]] = {
     # the papers' VTAB-1k recipe (SPT / low-bit adapters): 100 epochs, 10 warm-up, batch 64
+    # (the head at the method's lr from the library's initialisation)
     "paper": dict(epochs=100, warmup_epochs=10, batch_size=64, warmup_lr=1e-6, min_lr=1e-5,
-                  drop_path=0.1, weight_decay=1e-4),
+                  drop_path=0.1, weight_decay=1e-4, head_lr=None, head_init="default"),
     # the embedded mini suite on a 2-core CPU
     "mini": dict(epochs=10, warmup_epochs=1, batch_size=64, img_size=64),
 }

@@ -62,7 +62,7 @@ def evaluate_model(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored per module (frozen norms stay in eval)
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
@@ -81,7 +81,8 @@ def evaluate_model(
             all_labels.append(labels.cpu())
             all_preds.append(logits.argmax(1).cpu())
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     if not all_labels:
         raise ValueError("evaluation data is empty")
     labels = torch.cat(all_labels)

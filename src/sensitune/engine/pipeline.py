@@ -148,25 +148,49 @@ def _head_size(model: nn.Module) -> int | None:
     return head.out_features if isinstance(head, nn.Linear) else None
 
 
-def _no_decay_from_plan(model: nn.Module) -> Callable[[str, nn.Parameter], bool]:
-    """Exempt from weight decay what the plan calls ``bias`` or ``sparse`` (plus every 1-D tensor)."""
-    roles: dict[str, str] = {}
+def _plan_roles(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> role the applied plan gives it (empty without a plan)."""
     try:
         from sensitune.tuners.apply import trainable_parameters
 
-        roles = {name: role for name, _, role in trainable_parameters(model)}
+        return {name: role for name, _, role in trainable_parameters(model)}
     except (ImportError, ValueError):
-        pass
+        return {}
+
+
+def _no_decay_from_plan(roles: dict[str, str]) -> Callable[[str, nn.Parameter], bool]:
+    """Exempt from weight decay what the plan calls ``bias`` or ``sparse`` (plus every 1-D tensor)."""
     return lambda name, p: roles.get(name) in ("bias", "sparse")
 
 
-def _save_delta(model: nn.Module, out: Path, meta: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+def _zero_head(model: nn.Module) -> None:
+    """Zero the classification head's weight and bias (``head_init: zero``)."""
+    from sensitune.models import find_head
+
+    name = find_head(model)
+    head = dict(model.named_modules()).get(name) if name else None
+    if head is None:
+        raise ValueError("head_init=zero: cannot find the model's classification head")
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+
+
+def _norm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the running statistics of every norm layer that tracks them."""
+    return {f"{name}.{leaf}": buf.detach().clone() for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase)
+            for leaf, buf in m._buffers.items() if buf is not None and leaf in ("running_mean", "running_var")}
+
+
+def _save_delta(model: nn.Module, out: Path, meta: dict[str, Any], norm_stats: bool,
+                log: Callable[[str], None]) -> dict[str, Any]:
     try:
         from sensitune.artifacts import save_delta
     except ImportError:
         log("delta: sensitune.artifacts.save_delta is not available yet; skipped (the checkpoint holds the weights)")
         return {"delta": None}
-    path = save_delta(model, out / "delta", meta=meta)
+    path = save_delta(model, out / "delta", meta=meta, norm_stats=norm_stats)
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     return {"delta": str(Path(path).relative_to(out)), "delta_bytes_on_disk": size}
 
@@ -240,6 +264,8 @@ def train(
     t = time.perf_counter()
     torch.manual_seed(cfg.seed)  # a fresh head / random init is part of the run's seed
     net, source = _build_model(model, facts["num_classes"], cfg)
+    if cfg.head_init == "zero" and isinstance(model, str):  # only a head made here, never a given model's
+        _zero_head(net)
     from sensitune.models import weights_fingerprint
 
     base_fingerprint = weights_fingerprint(net)
@@ -295,8 +321,14 @@ def train(
 
     # train
     t = time.perf_counter()
+    roles = _plan_roles(net)
+    norm_before = _norm_buffers(net)
     fitted = fit(net, train_data, cfg, out_dir=out, eval_data=eval_data, resume=resuming,
-                 no_decay=_no_decay_from_plan(net), log=log)
+                 no_decay=_no_decay_from_plan(roles), head=lambda name, p: roles.get(name) == "head", log=log)
+    # the delta carries norm statistics only when training moved them (the base holds them otherwise);
+    # a resumed run compares the checkpoint's statistics with the pretrained ones it rebuilt
+    norm_after = _norm_buffers(net)
+    norm_moved = any(not torch.equal(norm_before[k], v.to(norm_before[k].device)) for k, v in norm_after.items())
     stage_seconds["train"] = time.perf_counter() - t
 
     # evaluate and save (rank 0)
@@ -309,7 +341,7 @@ def train(
         t = time.perf_counter()
         delta = _save_delta(net, out, {"class_names": task_info["class_names"], "data_config": task_info["data_config"],
                                        "backbone": {**source, "img_size": cfg.img_size},
-                                       "base_fingerprint": base_fingerprint}, log)
+                                       "base_fingerprint": base_fingerprint}, norm_moved, log)
         stage_seconds["save"] = time.perf_counter() - t
         last = fitted.history[-1]
         results = {

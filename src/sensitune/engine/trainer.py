@@ -175,23 +175,49 @@ class GlobalBatches(Sampler[list[int]]):
 
 # -- optimiser and schedule --------------------------------------------------------------------
 def param_groups(model: nn.Module, weight_decay: float,
-                 no_decay: Callable[[str, nn.Parameter], bool] | None = None) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed matrices, and undecayed 1-D tensors (biases, norms, sparse values).
+                 no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+                 head: Callable[[str, nn.Parameter], bool] | None = None,
+                 head_lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: decayed matrices and undecayed 1-D tensors (biases, norms, sparse values);
+    with ``head_lr`` the tensors ``head(name, param)`` names form their own groups at that lr.
 
     ``no_decay(name, param)`` may name more tensors to exempt (e.g. roles from a Plan).
     """
-    decay, plain = [], []
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.ndim <= 1 or (no_decay is not None and no_decay(name, p))
-        (plain if exempt else decay).append(p)
+        is_head = head_lr is not None and head is not None and head(name, p)
+        buckets.setdefault((is_head, exempt), []).append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if plain:
-        groups.append({"params": plain, "weight_decay": 0.0})
+    for is_head in (False, True):
+        for exempt in (False, True):
+            params = buckets.get((is_head, exempt))
+            if params:
+                group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if exempt else weight_decay}
+                if is_head:
+                    group["lr"] = head_lr
+                groups.append(group)
     return groups
+
+
+def frozen_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """Norm layers with running statistics none of whose own parameters train.
+
+    "Own" includes what apply_plan registers on the layer (a sparse ``weight_delta``), so a
+    norm layer the plan tunes in any way is not frozen.
+    """
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+            and not any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def set_train_mode(net: nn.Module, frozen_norms: list[nn.Module]) -> None:
+    """``net.train()``, then the ``frozen_norms`` back to eval mode (pretrained statistics)."""
+    net.train()
+    for m in frozen_norms:
+        m.eval()
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> CosineLRScheduler:
@@ -270,6 +296,7 @@ def fit(
     eval_data: Dataset | None = None,
     resume: bool = False,
     no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+    head: Callable[[str, nn.Parameter], bool] | None = None,
     log: Callable[[str], None] = print,
 ) -> FitResult:
     """Train the ``requires_grad`` parameters of ``model`` on ``train_data`` (items ``(image, label)``).
@@ -278,7 +305,9 @@ def fit(
     ``out_dir``, rank 0 writes ``checkpoints/last.pt`` after every epoch (and every
     ``cfg.checkpoint_every`` steps) and ``metrics.csv``; ``resume=True`` continues from that
     checkpoint. Raises :class:`NonFiniteLossError` on a NaN/inf loss, leaving the last good
-    checkpoint in place.
+    checkpoint in place. ``head(name, param)`` names the classification head's tensors, which
+    train at ``cfg.head_lr`` when it is set. With ``cfg.frozen_bn == "eval"`` every norm layer
+    whose parameters are all frozen (:func:`frozen_norm_layers`) stays in eval mode throughout.
     """
     cfg.validate()
     info = distributed(cfg.device)
@@ -300,8 +329,9 @@ def fit(
         raise ValueError(f"{len(items)} training samples give no full batch of {cfg.batch_size}; "
                          f"lower batch_size or set drop_last: false")
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, no_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, no_decay, head, cfg.head_lr), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.eps)
+    frozen_norms = frozen_norm_layers(model) if cfg.frozen_bn == "eval" else []
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=cfg.label_smoothing)
@@ -359,7 +389,7 @@ def fit(
             # own generator: creating the iterator must not draw from the global RNG (exact resume)
             loader = DataLoader(items, batch_sampler=sampler, generator=torch.Generator().manual_seed(epoch),
                                 **loader_kw)
-            net.train()
+            set_train_mode(net, frozen_norms)  # every epoch: an evaluation may have switched modes
             bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
             t_epoch = time.perf_counter()

@@ -1,0 +1,128 @@
+"""Frozen BatchNorm stays frozen (eval mode, no statistics in the delta); head learning rate and init."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from engine_helpers import TinyTask
+from sensitune.engine.config import build_config
+from sensitune.engine.evaluate import evaluate_model
+from sensitune.engine.pipeline import train
+from sensitune.engine.trainer import fit, frozen_norm_layers, param_groups
+from sensitune.planning import make_plan
+from sensitune.tuners import apply_plan
+
+from test_pipeline import make_vtab
+
+
+def bn_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
+
+
+def norm_stats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+
+
+def cfg(**kw):
+    base = dict(epochs=2, batch_size=16, lr=1e-2, warmup_epochs=0, progress=False, eval_every=1)
+    base.update(kw)
+    return build_config(overrides=base)
+
+
+def fitted(method: str, **kw) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.nn.Module]:
+    """(statistics before, after, model) of a short fit; eval_every=1 also runs evaluation mid-training."""
+    model = apply_plan(bn_model(), make_plan(bn_model(), None, method))
+    before = norm_stats(model)
+    fit(model, TinyTask(32), cfg(**kw), eval_data=TinyTask(8, seed=3), log=lambda s: None)
+    return before, norm_stats(model), model
+
+
+def test_linear_probe_leaves_every_norm_statistic_bit_identical():
+    before, after, model = fitted("linear", epochs=3)
+    assert before.keys() == after.keys() and len(before) > 10
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_trained_norm_layers_keep_train_mode_and_frozen_bn_train_restores_the_old_behaviour():
+    before, after, _ = fitted("bitfit")  # bitfit trains every BN bias: every BN layer normalises by batch
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    before, after, _ = fitted("linear", frozen_bn="train")
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_frozen_norm_layers_are_those_without_a_trained_own_parameter():
+    model = bn_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(frozen_norm_layers(model)) == len(bns)
+    bns[0].bias.requires_grad_(True)  # a whole vector the plan trains
+    bns[1].register_parameter("weight_delta", torch.nn.Parameter(torch.zeros(2)))  # a sparse pick's values
+    frozen = frozen_norm_layers(model)
+    assert bns[0] not in frozen and bns[1] not in frozen and len(frozen) == len(bns) - 2
+
+
+def test_evaluation_restores_each_module_mode():
+    model, data = bn_model(), TinyTask(8)
+    model.train()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.eval()
+    evaluate_model(model, data, batch_size=4)
+    assert model.training and not bn.training
+
+
+def test_head_lr_gets_its_own_groups():
+    model = apply_plan(bn_model(), make_plan(bn_model(), None, "bitfit"))
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = param_groups(model, 0.1, head=lambda n, p: id(p) in head, head_lr=0.5)
+    head_groups = [g for g in groups if g.get("lr") == 0.5]
+    assert {id(p) for g in head_groups for p in g["params"]} == head
+    assert sorted(g["weight_decay"] for g in head_groups) == [0.0, 0.1]  # head bias undecayed, weight decayed
+    assert len(param_groups(model, 0.1, head=lambda n, p: id(p) in head)) == 2  # no head_lr: no extra group
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_vtab(tmp_path_factory.mktemp("data") / "bands")
+
+
+FAST = dict(pretrained="none", img_size=32, epochs=1, batch_size=8, progress=False, lr=1e-2)
+
+
+def _parts(run) -> set[str]:
+    meta = json.loads((run / "delta" / "delta.json").read_text())
+    return {info["part"] for info in meta["tensors"].values()}
+
+
+def test_delta_carries_norm_statistics_only_when_training_moved_them(task, tmp_path):
+    train("test_efficientnet", task, "linear", tmp_path / "linear", log=lambda s: None, **FAST)
+    assert "norm_stats" not in _parts(tmp_path / "linear")
+    train("test_efficientnet", task, "bitfit", tmp_path / "bitfit", log=lambda s: None, **FAST)
+    assert "norm_stats" in _parts(tmp_path / "bitfit")
+
+
+def test_zero_head_init(task, tmp_path):
+    """With lr ~0 the trained head is what it started as: zeros for head_init=zero, timm's init otherwise."""
+    still = dict(FAST, lr=1e-12, warmup_lr=1e-12, min_lr=0.0)
+    heads = {}
+    for init in ("zero", "default"):
+        train("test_efficientnet", task, "linear", tmp_path / init, head_init=init, log=lambda s: None, **still)
+        ckpt = torch.load(tmp_path / init / "checkpoints" / "last.pt", weights_only=True)
+        heads[init] = ckpt["model"]["classifier.weight"]
+    assert heads["zero"].abs().max() < 1e-9
+    assert heads["default"].abs().max() > 1e-3
+
+
+def test_config_checks_new_keys():
+    with pytest.raises(ValueError, match="frozen_bn"):
+        build_config(overrides={"frozen_bn": "off"})
+    with pytest.raises(ValueError, match="head_init"):
+        build_config(overrides={"head_init": "xavier"})
+    with pytest.raises(ValueError, match="head_lr"):
+        build_config(overrides={"head_lr": -1.0})
+    paper = build_config(config="paper")
+    assert paper.head_lr is None and paper.head_init == "default"
