@@ -50,7 +50,16 @@ from sensitune.engine.checkpoint import atomic_write_text
 FORMAT = "sensitune-bench/1"
 DEFAULT_TRAIN = "sensitune.engine.pipeline:train"
 #: settings that must match when a bench folder is resumed
-IDENTITY = ("suite", "model", "data_root", "budget", "config", "overrides", "lr_grid", "tie_tolerance")
+IDENTITY = ("suite", "model", "data_root", "budget", "config", "overrides", "lr_grid", "tie_tolerance",
+            "engine_defaults")
+
+
+def engine_defaults() -> dict[str, Any]:
+    """The engine's default settings: cells trained under other defaults (an older sensitune) are
+    not the same experiment, so a bench folder made with them is not continued."""
+    from sensitune.engine.config import TrainConfig
+
+    return TrainConfig().to_dict()
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,16 @@ def _train_keys() -> set[str]:
     from sensitune.engine.config import TrainConfig
 
     return {f.name for f in fields(TrainConfig)} - {"method_options", "seed", "protocol", "lr"}
+
+
+def _describe_change(key: str, was: Any, now: Any) -> str:
+    """``key: was X, now Y``; for two mappings only the entries that differ."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        keys = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        return f"{key}: " + ", ".join(f"{k} was {was.get(k)!r}, now {now.get(k)!r}" for k in keys)
+    if key == "engine_defaults" and was is None:
+        return "engine_defaults: not recorded (made by an older sensitune)"
+    return f"{key}: was {was!r}, now {now!r}"
 
 
 def choose_lr(val_accuracy: dict[float, float | None], tie_tolerance: float = 1.0) -> float:
@@ -274,12 +293,13 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
 
     identity = {"suite": suite, "model": model, "data_root": None if data_root is None else str(data_root),
                 "budget": budget, "config": None if config is None else str(config) if not isinstance(config, dict) else config,
-                "overrides": overrides, "lr_grid": grid, "tie_tolerance": tie_tolerance}
+                "overrides": overrides, "lr_grid": grid, "tie_tolerance": tie_tolerance,
+                "engine_defaults": engine_defaults()}
     manifest_path = out / "bench.json"
     previous: dict[str, Any] = {}
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text())
-        diff = [f"{k}: was {previous.get(k)!r}, now {identity[k]!r}" for k in IDENTITY if previous.get(k) != identity[k]]
+        diff = [_describe_change(k, previous.get(k), identity[k]) for k in IDENTITY if previous.get(k) != identity[k]]
         if diff:
             raise ValueError(f"{out} holds a bench with other settings (" + "; ".join(diff)
                              + "); choose another --out folder")
