@@ -126,3 +126,46 @@ def test_config_checks_new_keys():
         build_config(overrides={"head_lr": -1.0})
     paper = build_config(config="paper")
     assert paper.head_lr is None and paper.head_init == "default"
+
+
+class _Crash(TinyTask):
+    """Raises after ``limit`` items, like a process dying mid-epoch."""
+
+    def __init__(self, limit: int, **kw):
+        super().__init__(**kw)
+        self.limit, self.calls = limit, 0
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise RuntimeError("simulated crash")
+        return super().__getitem__(i)
+
+
+def _half_trained_bn_model() -> torch.nn.Module:
+    """The head plus the first half of the BN layers' biases train: the rest must stay frozen."""
+    model = bn_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns[:len(bns) // 2]:
+        m.bias.requires_grad_(True)
+    for p in model.get_classifier().parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def test_resume_keeps_frozen_norms_frozen_and_matches_an_uninterrupted_run(tmp_path):
+    c = cfg(epochs=2, batch_size=8, eval_every=0, checkpoint_every=3)
+    ref = _half_trained_bn_model()
+    start = norm_stats(ref)
+    fit(ref, TinyTask(32), c, log=lambda s: None)
+    crashed = _half_trained_bn_model()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(crashed, _Crash(32 + 8 * 2 + 3, n=32), c, out_dir=tmp_path, log=lambda s: None)
+    resumed = _half_trained_bn_model()
+    fit(resumed, TinyTask(32), c, out_dir=tmp_path, resume=True, log=lambda s: None)
+    end_ref, end = norm_stats(ref), norm_stats(resumed)
+    assert all(torch.equal(end_ref[k], end[k]) for k in end)
+    frozen = {n for n, m in ref.named_modules() if m in frozen_norm_layers(ref)}
+    assert frozen and all(torch.equal(start[k], end[k]) == (k.rsplit(".", 1)[0] in frozen) for k in end)
