@@ -12,10 +12,14 @@ the backward
   matmul over the touched rows (G[:, U]ᵀ X, |U| × d_in) followed by a gather is cheaper;
   :func:`_values_grad` picks.
 
-Other Conv2d layers (depthwise, strided stems) compute the dense kernel gradient transiently
-with ``torch.nn.grad.conv2d_weight`` and gather from it: those kernels are tiny (C × k²), so
-this costs less than unfolding the input. Vectors and any other tensor go through
-``index_add`` (autograd's gather backward); their dense gradient is O(numel) and cheap.
+Other Conv2d layers form the (tiny, C × k²) dense kernel gradient transiently and gather from
+it: depthwise kernels as one depthwise correlation of the input with the output gradient
+(:func:`_depthwise_kernel_grad`, up to ~20× faster on CPU than oneDNN's depthwise weight
+gradient), the rest (strided stems, dense or grouped k×k) with ``torch.nn.grad.conv2d_weight``.
+A per-entry depthwise gradient (gathered channels × shifted input, O(nnz·N·H·W)) was slower
+than this correlation on every EfficientNet-Lite0 layer even for GPS K=1 (one entry per channel).
+Vectors and any other tensor go through ``index_add`` (autograd's gather backward); their
+dense gradient is O(numel) and cheap.
 """
 from __future__ import annotations
 
@@ -60,87 +64,164 @@ class SparseIndex:
 
 
 def _values_grad(g: Tensor, x: Tensor, geo: SparseIndex) -> Tensor:
-    """grad δ_k = Σ_t G[t, row_k] · X[t, col_k] from G (T × out) and X (T × in), tokens first.
+    """grad δ_k = Σ_{b,l} G[b, row_k, l] · X[b, col_k, l] from G (B × out × L) and X (B × in × L).
 
-    Chunks of tokens keep the gathered T × nnz buffers cache-sized. With K entries in every row
-    (GPS) G needs no gather: it broadcasts against the gathered X viewed as T × out × K.
+    Channels sit in the middle so both a Linear (B = tokens, L = 1) and an NCHW pointwise conv
+    (B = batch, L = H·W) are views, never permuted copies; gathering along dim 1 copies whole
+    contiguous L-runs. Chunks of B keep the gathered buffers cache-sized. With K entries in
+    every row (GPS) G needs no gather: it broadcasts against the gathered X viewed as
+    B × out × K × L. With many entries per touched row, one matmul over the touched rows
+    (G[:, U]ᵀ X, |U| × d_in) followed by a gather is cheaper.
     """
     if geo.use_rows:
-        dw_rows = g.index_select(1, geo.urows).t() @ x  # |U| × d_in
+        gu = g.index_select(1, geo.urows).transpose(1, 2).reshape(-1, geo.urows.numel())
+        dw_rows = gu.t() @ x.transpose(1, 2).reshape(-1, x.shape[1])  # |U| × d_in
         return dw_rows[geo.uinv, geo.cols]
-    tokens, nnz = g.shape[0], geo.index.numel()
-    step = max(1, _CHUNK_ELEMENTS // max(1, nnz))
+    batch, d_out, length = g.shape
+    nnz = geo.index.numel()
+    acc = torch.promote_types(torch.promote_types(g.dtype, x.dtype), torch.float32)  # sum chunks in ≥ float32
+    step = max(1, _CHUNK_ELEMENTS // max(1, nnz * length))
     if geo.per_row:
         k = geo.per_row
-        out = g.new_zeros(g.shape[1], k)
-        for s in range(0, tokens, step):
-            xg = x[s:s + step].index_select(1, geo.cols).view(-1, g.shape[1], k)
-            out += (g[s:s + step].unsqueeze(-1) * xg).sum(0)
+        out = g.new_zeros(d_out, k, dtype=acc)
+        for s in range(0, batch, step):
+            xg = x[s:s + step].index_select(1, geo.cols).view(-1, d_out, k, length)
+            out += (g[s:s + step].unsqueeze(2) * xg).sum((0, 3))
         return out.view(-1)
-    out = g.new_zeros(nnz)
-    for s in range(0, tokens, step):
-        out += (g[s:s + step].index_select(1, geo.rows) * x[s:s + step].index_select(1, geo.cols)).sum(0)
+    out = g.new_zeros(nnz, dtype=acc)
+    for s in range(0, batch, step):
+        out += (g[s:s + step].index_select(1, geo.rows) * x[s:s + step].index_select(1, geo.cols)).sum((0, 2))
     return out
 
 
-class SparseLinearFunction(torch.autograd.Function):
+def _depthwise_kernel_grad(x: Tensor, gy: Tensor, weight_shape: torch.Size, stride: tuple[int, int],
+                           padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    """Dense kernel gradient of a depthwise conv (one input channel per group) as one correlation.
+
+    dW[o, 0, p, q] = Σ_{n,h,w} G[n, o, h, w] · X[n, o // m, h·s + p·d, w·s + q·d] (m = C_out/C_in)
+    is a depthwise conv of X viewed as one image with N·C_in channels, with the G planes as
+    its kernels, run with stride d and dilation s, then summed over n: the same multiply-adds
+    as ``torch.nn.grad.conv2d_weight``, but oneDNN's depthwise weight-gradient kernel is up to
+    ~20× slower on CPU (5×5 kernels at 4-14 px, see benchmarks/results/tuners.md). Grouped
+    convs with several input channels per group would need G repeated per input channel; the
+    dense oneDNN kernel is faster there.
+    """
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight_shape
+    oh, ow = gy.shape[2:]
+    r = F.conv2d(x.reshape(1, n * c_in, h, w), gy.reshape(n * c_out, 1, oh, ow), None,
+                 dilation, padding, stride, n * c_in)
+    return r.view(n, c_out, r.shape[2], r.shape[3])[:, :, :kh, :kw].sum(0).unsqueeze(1)
+
+
+def _conv_values_grad(x: Tensor, gy: Tensor, weight_shape: torch.Size, geo: SparseIndex, stride: tuple[int, int],
+                      padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> Tensor:
+    """The values' gradient of a sparse conv kernel, by the cheapest exact route for its geometry."""
+    pointwise = (tuple(weight_shape[2:]) == (1, 1) and groups == 1 and tuple(stride) == (1, 1)
+                 and tuple(padding) == (0, 0))
+    if pointwise and not geo.use_rows:  # a Linear over channels, tokens = N·H·W
+        n, c = x.shape[:2]
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # tokens-first is the free view of channels-last tensors
+            return _values_grad(gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1], 1),
+                                x.permute(0, 2, 3, 1).reshape(-1, c, 1), geo)
+        return _values_grad(gy.reshape(n, gy.shape[1], -1), x.reshape(n, c, -1), geo)
+    if groups > 1 and weight_shape[1] == 1:
+        dw = _depthwise_kernel_grad(x, gy, weight_shape, stride, padding, dilation)
+    else:
+        dw = torch.nn.grad.conv2d_weight(x, weight_shape, gy, stride, padding, dilation, groups)
+    return dw.reshape(-1).index_select(0, geo.index)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls/convs in on ``x``'s device, or None when it is off there."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if x.is_floating_point() and torch.is_autocast_enabled(dev) else None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+class _SparseFunction(torch.autograd.Function):
+    """Shared autocast handling of the fused sparse functions (a device-aware ``torch.amp.custom_fwd/bwd``).
+
+    Under autocast the forward casts x, W' and b to the autocast dtype of x's device, as
+    autocast does for the dense F.linear/F.conv2d, and runs with autocast off; the backward
+    runs with autocast off in that dtype too (gy, the saved x and W' agree), and hands back
+    each gradient in its input's dtype (values stay float32 like the trainable tensors).
+    """
+
+    @staticmethod
+    def _prepare(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, geo: SparseIndex):
+        if weight.requires_grad:
+            raise RuntimeError("the frozen weight under a sparse delta must not require grad (apply_plan freezes it)")
+        ctx.cast = _autocast_dtype(x)
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, values.dtype)
+        ctx.geo = geo
+        x = _cast(x, ctx.cast)
+        ctx.save_for_backward(x, weight, values)
+        return x, _cast(scatter_delta(weight, values, geo.index), ctx.cast), _cast(bias, ctx.cast)
+
+    @staticmethod
+    def _grads(ctx, gx: Tensor | None, gb: Tensor | None, gv: Tensor | None):
+        x_dtype, b_dtype, v_dtype = ctx.dtypes
+        return (None if gx is None else gx.to(x_dtype), None if gb is None else gb.to(b_dtype),
+                None if gv is None else gv.to(v_dtype))
+
+
+class SparseLinearFunction(_SparseFunction):
     """y = x W'ᵀ + b with W' = W + scatter(δ); grads for x, b and δ only (W is frozen)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, geo: SparseIndex) -> Tensor:  # type: ignore[override]
-        w = scatter_delta(weight, values, geo.index)
-        ctx.save_for_backward(x, weight, values)
-        ctx.geo = geo
-        return F.linear(x, w, bias)
+        x, w, bias = _SparseFunction._prepare(ctx, x, weight, bias, values, geo)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # type: ignore[override]
         x, weight, values = ctx.saved_tensors
         geo: SparseIndex = ctx.geo
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("the frozen weight under a sparse delta must not require grad (apply_plan freezes it)")
+        gy = _cast(gy, ctx.cast)
         gx = gb = gv = None
-        if ctx.needs_input_grad[0]:
-            gx = gy @ scatter_delta(weight, values, geo.index)
-        g2 = gy.reshape(-1, gy.shape[-1])
-        if ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-        if ctx.needs_input_grad[3]:
-            gv = _values_grad(g2, x.reshape(-1, x.shape[-1]), geo)
+        with torch.autocast(gy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                gx = gy @ _cast(scatter_delta(weight, values, geo.index), ctx.cast)
+            g2 = gy.reshape(-1, gy.shape[-1])
+            if ctx.needs_input_grad[2]:
+                gb = g2.sum(0)
+            if ctx.needs_input_grad[3]:
+                gv = _values_grad(g2.unsqueeze(-1), x.reshape(-1, x.shape[-1]).unsqueeze(-1), geo)
+        gx, gb, gv = _SparseFunction._grads(ctx, gx, gb, gv)
         return gx, None, gb, gv, None
 
 
-class SparseConv2dFunction(torch.autograd.Function):
+class SparseConv2dFunction(_SparseFunction):
     """F.conv2d with W' = W + scatter(δ); ``x`` arrives already padded if the layer pads "same"."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, geo: SparseIndex,  # type: ignore[override]
                 stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> Tensor:
-        w = scatter_delta(weight, values, geo.index)
-        ctx.save_for_backward(x, weight, values)
-        ctx.geo, ctx.conv = geo, (stride, padding, dilation, groups)
-        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+        x, w, bias = _SparseFunction._prepare(ctx, x, weight, bias, values, geo)
+        ctx.conv = (stride, padding, dilation, groups)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x, w, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # type: ignore[override]
         x, weight, values = ctx.saved_tensors
         geo: SparseIndex = ctx.geo
         stride, padding, dilation, groups = ctx.conv
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("the frozen weight under a sparse delta must not require grad (apply_plan freezes it)")
+        gy = _cast(gy, ctx.cast)
         gx = gb = gv = None
-        if ctx.needs_input_grad[0]:
-            w = scatter_delta(weight, values, geo.index)
-            gx = torch.nn.grad.conv2d_input(x.shape, w, gy, stride, padding, dilation, groups)
-        if ctx.needs_input_grad[2]:
-            gb = gy.sum((0, 2, 3))
-        if ctx.needs_input_grad[3]:
-            pointwise = weight.shape[2:] == (1, 1) and groups == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
-            if pointwise:  # a Linear over channels with tokens = N·H·W
-                g2 = gy.permute(0, 2, 3, 1).reshape(-1, gy.shape[1])
-                x2 = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-                gv = _values_grad(g2, x2, geo)
-            else:
-                dw = torch.nn.grad.conv2d_weight(x, weight.shape, gy, stride, padding, dilation, groups)
-                gv = dw.reshape(-1).index_select(0, geo.index)
+        with torch.autocast(gy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                w = _cast(scatter_delta(weight, values, geo.index), ctx.cast)
+                gx = torch.nn.grad.conv2d_input(x.shape, w, gy, stride, padding, dilation, groups)
+            if ctx.needs_input_grad[2]:
+                gb = gy.sum((0, 2, 3))
+            if ctx.needs_input_grad[3]:
+                gv = _conv_values_grad(x, gy, weight.shape, geo, stride, padding, dilation, groups)
+        gx, gb, gv = _SparseFunction._grads(ctx, gx, gb, gv)
         return gx, None, gb, gv, None, None, None, None, None
