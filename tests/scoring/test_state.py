@@ -15,7 +15,13 @@ def _snapshot(model):
         "training": {n: m.training for n, m in model.named_modules()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "grad": {n: (p.grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+        "hooks": _hooks(model),
     }
+
+
+def _hooks(model):
+    """Tensor hooks of every parameter (scoring adds its own while it runs and must remove them)."""
+    return {n: list((p._backward_hooks or {}).values()) for n, p in model.named_parameters()}
 
 
 def _assert_same(model, snap):
@@ -28,6 +34,7 @@ def _assert_same(model, snap):
         assert p.grad is obj, f"{n}.grad object replaced"
         if value is not None:
             assert torch.equal(p.grad, value), f"{n}.grad changed"
+    assert _hooks(model) == snap["hooks"], "tensor hooks left behind or removed"
 
 
 def _messy_model():
@@ -38,6 +45,7 @@ def _messy_model():
     model.conv_stem.weight.requires_grad_(False)
     model.blocks[1][0].conv_pwl.weight.grad = torch.ones_like(model.blocks[1][0].conv_pwl.weight)
     model.classifier.weight.grad = torch.full_like(model.classifier.weight, 3.0)
+    model.blocks[1][0].conv_pwl.weight.register_hook(lambda g: None)  # a user's hook stays
     return model
 
 

@@ -8,7 +8,11 @@ Decisions made here (and why):
   while scoring, so autograd never spends time on the rest (their gradients are not needed;
   the scored gradients are mathematically unchanged).
 * **Gradients** are taken with ``torch.autograd.grad``, never written into ``.grad``, so a
-  user's accumulated gradients survive scoring untouched.
+  user's accumulated gradients survive scoring untouched. A hook on each scored tensor folds
+  its gradient into the accumulator the moment autograd produces it
+  (:func:`consuming_gradients`), so a full set of gradients never coexists with the
+  accumulators: the peak is activations + accumulators, not activations + gradients +
+  accumulators.
 * **Mode.** The model runs in train mode (dropout/drop-path active, as both references do),
   except BatchNorm, which by default runs in *eval* mode: it then normalises with the
   pretrained running statistics, so (1) the running statistics cannot change, (2) a sample's
@@ -115,6 +119,32 @@ def scoring_mode(model: nn.Module, scored: Sequence[nn.Parameter], *, train_mode
             p.grad = g
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def consuming_gradients(params: Sequence[torch.Tensor], acc: Sequence[torch.Tensor],
+                        update: Callable[[torch.Tensor, torch.Tensor], Any]) -> Iterator[None]:
+    """Inside, ``update(acc[i], grad)`` consumes each gradient of ``params[i]`` as autograd makes it.
+
+    The hook hands autograd a zero-stride placeholder instead of the gradient, so
+    ``torch.autograd.grad`` returns placeholders and each real gradient is freed as soon as
+    it is folded in. Registered last, the hook sees the gradient after any hook of the
+    user's (as ``torch.autograd.grad`` would return it); it is removed on exit, even on error.
+    """
+    handles = []
+    try:
+        for p, a in zip(params, acc):
+            placeholder = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+
+            def hook(grad: torch.Tensor, a: torch.Tensor = a, placeholder: torch.Tensor = placeholder) -> torch.Tensor:
+                update(a, grad.to(a.dtype))
+                return placeholder
+
+            handles.append(p.register_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def rng_devices(params: Sequence[torch.Tensor]) -> list[int]:

@@ -194,7 +194,8 @@ def gps_scores(model: nn.Module, data: Dataset | DataLoader, *, loss: str = "sup
 
     with common.scoring_mode(model, params, train_mode=train_mode, batchnorm=batchnorm), \
             torch.random.fork_rng(devices=common.rng_devices(params)), \
-            common.progress(len(mine), progress, "gps") as bar:
+            common.progress(len(mine), progress, "gps") as bar, \
+            common.consuming_gradients(params, acc, torch.Tensor.add_):
         for b, (x, y) in zip(mine, loader):
             torch.manual_seed(common.batch_seed(seed, b))
             x = x.to(device, non_blocking=True)
@@ -207,11 +208,8 @@ def gps_scores(model: nn.Module, data: Dataset | DataLoader, *, loss: str = "sup
                 value = F.cross_entropy(model(x), y)
             common.check_connected(value, "gps")
             loss_sum += common.check_loss(value, b, "gps")
-            grads = torch.autograd.grad(value, params, allow_unused=True)
-            pairs = [(a, g.to(a.dtype)) for a, g in zip(acc, grads) if g is not None]
-            if pairs:
-                torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
-            del grads, pairs, value  # free this batch's gradients before the next forward (peak memory)
+            torch.autograd.grad(value, params, allow_unused=True)  # the hooks add g (unused tensors add nothing)
+            del value
             seen += len(y)
             bar.update(1)
 

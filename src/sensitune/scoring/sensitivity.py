@@ -43,7 +43,8 @@ def sensitivity_scores(model: nn.Module, data: Dataset | DataLoader, *, batch_si
 
     with common.scoring_mode(model, params, train_mode=train_mode, batchnorm=batchnorm), \
             torch.random.fork_rng(devices=common.rng_devices(params)), \
-            common.progress(len(mine), progress, method) as bar:
+            common.progress(len(mine), progress, method) as bar, \
+            common.consuming_gradients(params, acc, _add_square):
         for b, (x, y) in zip(mine, loader):
             torch.manual_seed(common.batch_seed(seed, b))
             x = x.to(device, non_blocking=True)
@@ -51,9 +52,8 @@ def sensitivity_scores(model: nn.Module, data: Dataset | DataLoader, *, batch_si
             loss = F.cross_entropy(model(x), y)
             loss_sum += common.check_loss(loss, b, method)
             common.check_connected(loss, method)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            _accumulate_squares(acc, grads)
-            del grads, loss  # free this batch's gradients before the next forward (peak memory)
+            torch.autograd.grad(loss, params, allow_unused=True)  # the hooks add g² (unused tensors add nothing)
+            del loss
             seen += len(y)
             bar.update(1)
 
@@ -68,9 +68,5 @@ def sensitivity_scores(model: nn.Module, data: Dataset | DataLoader, *, batch_si
     return ScoreMap(dict(zip(names, acc)), meta)
 
 
-def _accumulate_squares(acc: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-    """acc += g² for every tensor in one fused ``_foreach_addcmul_`` (unused tensors add nothing)."""
-    pairs = [(a, g.to(a.dtype)) for a, g in zip(acc, grads) if g is not None]
-    if pairs:
-        a, g = zip(*pairs)
-        torch._foreach_addcmul_(list(a), list(g), list(g))
+def _add_square(acc: torch.Tensor, grad: torch.Tensor) -> None:
+    acc.addcmul_(grad, grad)
