@@ -169,3 +169,16 @@ def test_resume_keeps_frozen_norms_frozen_and_matches_an_uninterrupted_run(tmp_p
     assert all(torch.equal(end_ref[k], end[k]) for k in end)
     frozen = {n for n, m in ref.named_modules() if m in frozen_norm_layers(ref)}
     assert frozen and all(torch.equal(start[k], end[k]) == (k.rsplit(".", 1)[0] in frozen) for k in end)
+
+
+def test_zero_head_comes_after_scoring_and_spares_a_quantised_head(task, tmp_path):
+    from safetensors.torch import load_file
+
+    train("test_efficientnet", task, "spt-lora", tmp_path / "spt", score_batches=1, score_batch_size=8,
+          log=lambda s: None, **FAST)
+    scores = load_file(tmp_path / "spt" / "scores.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in scores.items() if "classifier" not in k)  # sensitivities not zeroed
+    notes: list[str] = []
+    train("test_efficientnet", task, "linear", tmp_path / "bihead", method_options={"head_bits": 1},
+          log=notes.append, **FAST)
+    assert any("skipped for a quantised head" in n for n in notes)

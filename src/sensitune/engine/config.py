@@ -43,7 +43,7 @@ class TrainConfig:
     # first steps see the uniform-prediction loss log(C) instead of a random head's larger loss
     # and the backbone's first gradients are not driven by a random head (as BiT does);
     # "default": the model library's own initialisation (timm), as the papers' recipes
-    head_init: str = "default"
+    head_init: str = "zero"
     # BatchNorm (any norm layer with running statistics) whose affine parameters the plan
     # leaves frozen: "eval" keeps its pretrained statistics during training (a frozen layer
     # stays frozen, so a linear probe is a true probe and the delta need not carry statistics);

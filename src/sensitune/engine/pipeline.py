@@ -264,8 +264,6 @@ def train(
     t = time.perf_counter()
     torch.manual_seed(cfg.seed)  # a fresh head / random init is part of the run's seed
     net, source = _build_model(model, facts["num_classes"], cfg)
-    if cfg.head_init == "zero" and isinstance(model, str):  # only a head made here, never a given model's
-        _zero_head(net)
     from sensitune.models import weights_fingerprint
 
     base_fingerprint = weights_fingerprint(net)
@@ -314,6 +312,14 @@ def train(
         if info.is_main:
             plan.save(plan_path)
     apply_plan(net, plan)
+    # after scoring (SPT's sensitivities flow through the head: a zero head would zero them all),
+    # only a head made here (never a given model's), and only a float one (a 1-bit head's scale is
+    # the spread of its weights, which zeros would collapse)
+    if cfg.head_init == "zero" and isinstance(model, str):
+        if any(u.bits < 32 for u in plan.units if plan.is_head_unit(u)):
+            log("head_init=zero: skipped for a quantised head (head_bits < 32); it keeps the default init")
+        else:
+            _zero_head(net)
     trainable_now = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if info.is_main:
         log(plan.summary())
