@@ -23,7 +23,7 @@ test: $(VENV)/.test
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(VENV)/.base
-	$(VENV)/bin/sensitune bench --suite mini --out results/mini-full
+	$(VENV)/bin/sensitune demo --full --jobs 2 --threads 1 --out results/mini-full
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

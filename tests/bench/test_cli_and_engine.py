@@ -40,3 +40,19 @@ def test_real_engine_cells_feed_the_report(tmp_path):
     assert linear.costs["params_no_head"] == 0 and bitfit.costs["params_no_head"] > 0
     assert bitfit.costs["params"] == results["bitfit"]["trainable_params"]
     assert linear.costs["bytes"] == results["linear"]["delta_bytes_on_disk"] > 0
+
+
+def test_demo_full_grid_is_every_method_plus_the_twin_and_the_equal_budget_column(tmp_path):
+    import pytest
+
+    from sensitune.bench.runner import parse_methods
+    from sensitune.commands.demo import DEMO, FULL_METHODS
+    from sensitune.methods import METHODS
+
+    specs = parse_methods(FULL_METHODS)
+    assert {s.name for s in specs} == set(METHODS)
+    assert {s.label for s in parse_methods(DEMO["methods"])} <= {s.label for s in specs}  # the demo is a subset
+    assert any(s.name == "bi-lora" and s.options.get("bits") == 32 for s in specs)
+    assert any(s.name == "spt-lora" and "budget" in s.options for s in specs)
+    with pytest.raises(SystemExit, match="exclude each other"):
+        main(["demo", "--full", "--methods", "linear", "--out", str(tmp_path / "x")])
