@@ -182,3 +182,36 @@ def test_scoremap_round_trip_and_refuses_foreign_files(tmp_path):
         ScoreMap.load(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError):
         ScoreMap.load(tmp_path / "missing.safetensors")
+
+
+class _SharedLayer(torch.nn.Module):
+    """One Linear applied twice per forward: its gradient has two parts autograd must sum first."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = x.flatten(1)[:, :6]
+        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(h)))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_reused_parameter_scores_the_square_of_its_whole_batch_gradient(dtype):
+    model, data = _SharedLayer().to(dtype), tensor_data(8)
+    data.tensors = (data.tensors[0].to(dtype), data.tensors[1])
+    scores = score(model, data, "sensitivity", batch_size=4, batches=2, fingerprint=False)
+    assert list(scores) == ["fc.weight", "fc.bias"]
+    expected = {n: torch.zeros(p.shape, dtype=torch.promote_types(dtype, torch.float32))
+                for n, p in model.named_parameters() if n.startswith("fc.")}
+    for b in range(2):
+        x, y = data.tensors[0][4 * b:4 * b + 4], data.tensors[1][4 * b:4 * b + 4]
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for n, p in model.named_parameters():
+            if n in expected:
+                expected[n] += p.grad.to(expected[n].dtype) ** 2  # (part 1 + part 2)², not part 1² + part 2²
+    for n, t in expected.items():
+        torch.testing.assert_close(scores[n].to(t.dtype), t, rtol=1e-6, atol=0)
