@@ -31,6 +31,27 @@ def test_save_load_round_trip(tmp_path, method):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_from_json_rebuilds_the_plan_and_names_bad_input():
+    model = _vit()
+    plan = make_plan(model, _scores(model), "spt-lora", "2%")
+    indices = {i: u.indices.to(torch.int32) for i, u in enumerate(plan.units) if u.mode == "sparse"}
+    assert indices  # the plan mixes sparse and structured units
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())), indices)
+    assert again.to_json() == plan.to_json()
+    assert all(u.indices.dtype == torch.int64 and torch.equal(u.indices, v.indices)
+               for u, v in zip(again.units, plan.units) if u.mode == "sparse")
+    meta = plan.to_json()
+    first_sparse = min(indices)
+    with pytest.raises(ValueError, match=f"unit {first_sparse}: sparse unit .* needs indices"):
+        Plan.from_json(meta, {})
+    broken = json.loads(json.dumps(meta))
+    del broken["units"][0]["shape"]
+    with pytest.raises(ValueError, match="unit 0: plan unit lacks 'shape'"):
+        Plan.from_json(broken, indices)
+    with pytest.raises(ValueError, match="plan lacks 'tensors'"):
+        Plan.from_json({k: v for k, v in meta.items() if k != "tensors"}, indices)
+
+
 def test_indices_are_stored_narrow_and_checked(tmp_path):
     model = _vit()
     plan = make_plan(model, _scores(model), "gps")

@@ -75,43 +75,32 @@ def _plan_to_record(plan) -> tuple[dict, dict[str, Tensor]]:
 
 
 def _plan_from_record(record: Mapping[str, Any], tensors: Mapping[str, Tensor], where: str):
-    """Rebuild the Plan from delta.json's ``plan`` and the stored indices (checked by Unit)."""
-    from sensitune.planning.plan import Plan, Unit
+    """Rebuild the Plan from delta.json's ``plan`` and the stored indices (checked here, then by Plan)."""
+    from sensitune.planning.plan import Plan
 
-    units = []
+    indices = {}
     for i, d in enumerate(record.get("units", [])):
-        try:
-            idx = None
-            if d["mode"] == "sparse":
-                key = f"{PLAN_PREFIX}{i}:{d['target']}"
-                idx = tensors[key]
-                if idx.dtype not in INDEX_DTYPES:
-                    raise DeltaError(f"{where}: {key} has dtype {dtype_name(idx.dtype)}; indices must be an integer dtype")
-                numel = math.prod(d["shape"])
-                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-                    raise DeltaError(f"{where}: {key} has indices out of range [0, {numel}) "
-                                     f"(min {int(idx.min())}, max {int(idx.max())})")
-                if idx.numel() != d.get("nnz", idx.numel()):
-                    raise DeltaError(f"{where}: {key} holds {idx.numel()} indices but the plan says nnz={d['nnz']}")
-                if torch.unique(idx).numel() != idx.numel():
-                    raise DeltaError(f"{where}: {key} has repeated indices")
-                idx = idx.to(torch.int64)
-            units.append(Unit(target=d["target"], mode=d["mode"], shape=tuple(d["shape"]), slice=d.get("slice"),
-                              slice_rows=tuple(d["slice_rows"]) if "slice_rows" in d else None,
-                              rank=int(d.get("rank", 0)), bits=int(d.get("bits", 32)),
-                              scale=float(d.get("scale", 1.0)), dropout=float(d.get("dropout", 0.0)),
-                              drop_path=float(d.get("drop_path", 0.0)), indices=idx))
-        except KeyError as exc:
-            raise DeltaError(f"{where}: plan unit {i} lacks {exc}") from None
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, DeltaError):
-                raise
-            raise DeltaError(f"{where}: plan unit {i} ({d.get('target')!r}) is invalid: {exc}") from None
+        if not isinstance(d, Mapping) or d.get("mode") != "sparse":
+            continue
+        key = f"{PLAN_PREFIX}{i}:{d.get('target')}"
+        if key not in tensors:
+            raise DeltaError(f"{where}: plan unit {i} lacks its indices {key!r}")
+        idx = tensors[key]
+        if idx.dtype not in INDEX_DTYPES:
+            raise DeltaError(f"{where}: {key} has dtype {dtype_name(idx.dtype)}; indices must be an integer dtype")
+        numel = math.prod(d.get("shape", ()))
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+            raise DeltaError(f"{where}: {key} has indices out of range [0, {numel}) "
+                             f"(min {int(idx.min())}, max {int(idx.max())})")
+        if idx.numel() != d.get("nnz", idx.numel()):
+            raise DeltaError(f"{where}: {key} holds {idx.numel()} indices but the plan says nnz={d['nnz']}")
+        if torch.unique(idx).numel() != idx.numel():
+            raise DeltaError(f"{where}: {key} has repeated indices")
+        indices[i] = idx
     try:
-        return Plan(method=record["method"], units=units, tensors=record["tensors"], head=record.get("head", []),
-                    budget=record.get("budget"), options=record.get("options", {}), stats=record.get("stats", {}))
-    except KeyError as exc:
-        raise DeltaError(f"{where}: plan lacks {exc}") from None
+        return Plan.from_json(record, indices)
+    except (TypeError, ValueError) as exc:
+        raise DeltaError(f"{where}: invalid plan ({exc})") from None
 
 
 def quantised_params(plan) -> dict[str, int]:

@@ -26,7 +26,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -179,6 +179,22 @@ class Unit:
         if self.mode == "sparse":
             d["nnz"] = int(self.indices.numel())
         return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], indices: Tensor | None = None) -> "Unit":
+        """The unit :meth:`to_json` wrote; a sparse unit's indices travel separately (safetensors)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a plan unit must be a JSON object, got {type(d).__name__}")
+        try:
+            return cls(target=d["target"], mode=d["mode"], shape=tuple(d["shape"]), slice=d.get("slice"),
+                       slice_rows=tuple(d["slice_rows"]) if "slice_rows" in d else None,
+                       rank=int(d.get("rank", 0)), bits=int(d.get("bits", 32)), scale=float(d.get("scale", 1.0)),
+                       dropout=float(d.get("dropout", 0.0)), drop_path=float(d.get("drop_path", 0.0)),
+                       indices=None if indices is None else indices.to(torch.int64))
+        except KeyError as exc:
+            raise ValueError(f"plan unit lacks {exc}") from None
+        except TypeError as exc:
+            raise ValueError(f"plan unit {d.get('target')!r} is malformed: {exc}") from None
 
 
 def _packed(numel: int, bits: int) -> int:
@@ -368,27 +384,46 @@ class Plan:
             raise ValueError(f"{path}: not a sensitune plan (missing format='sensitune.plan')")
         if meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: plan format version {meta.get('version')} is not supported (expected {FORMAT_VERSION})")
-        indices: dict[str, Tensor] = {}
+        stored: dict[str, Tensor] = {}
         if "indices" in meta:
             side = path.parent / meta["indices"]["file"]
             if not side.is_file():
                 raise FileNotFoundError(f"{path}: its indices file {side} is missing")
             if _sha256(side) != meta["indices"]["sha256"]:
                 raise ValueError(f"{side} does not match {path} (checksum differs): files from different saves?")
-            indices = load_file(str(side))
+            stored = load_file(str(side))
+        indices = {}
+        for i, d in enumerate(meta.get("units") or []):
+            if isinstance(d, Mapping) and d.get("mode") == "sparse":
+                key = f"{i}:{d.get('target')}"
+                if key not in stored:
+                    raise ValueError(f"{path}: sparse unit {i} has no indices ({key!r}) in its indices file")
+                indices[i] = stored[key]
+        try:
+            return cls.from_json(meta, indices)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any], indices: Mapping[int, Tensor] | None = None) -> "Plan":
+        """The plan :meth:`to_json` wrote; ``indices`` maps a sparse unit's position to its flat indices.
+
+        The one parser of plan JSON (plan files, task deltas); raises ValueError naming what is wrong.
+        """
+        indices = indices or {}
+        if not isinstance(meta, Mapping):
+            raise ValueError(f"a plan must be a JSON object, got {type(meta).__name__}")
         units = []
-        for i, d in enumerate(meta["units"]):
+        for i, d in enumerate(meta.get("units") or []):
             try:
-                idx = indices[f"{i}:{d['target']}"].to(torch.int64) if d["mode"] == "sparse" else None
-                units.append(Unit(target=d["target"], mode=d["mode"], shape=tuple(d["shape"]), slice=d.get("slice"),
-                                  slice_rows=tuple(d["slice_rows"]) if "slice_rows" in d else None,
-                                  rank=int(d.get("rank", 0)), bits=int(d.get("bits", 32)),
-                                  scale=float(d.get("scale", 1.0)), dropout=float(d.get("dropout", 0.0)),
-                                  drop_path=float(d.get("drop_path", 0.0)), indices=idx))
-            except KeyError as exc:
-                raise ValueError(f"{path}: unit {i} lacks {exc}") from exc
-        return cls(method=meta["method"], units=units, tensors=meta["tensors"], head=meta.get("head", []),
-                   budget=meta.get("budget"), options=meta.get("options", {}), stats=meta.get("stats", {}))
+                units.append(Unit.from_json(d, indices.get(i)))
+            except ValueError as exc:
+                raise ValueError(f"unit {i}: {exc}") from None
+        try:
+            return cls(method=meta["method"], units=units, tensors=meta["tensors"], head=meta.get("head", []),
+                       budget=meta.get("budget"), options=meta.get("options", {}), stats=meta.get("stats", {}))
+        except KeyError as exc:
+            raise ValueError(f"plan lacks {exc}") from None
 
     # ---------------------------------------------------------------- checks
     def check_model(self, model: nn.Module) -> None:
