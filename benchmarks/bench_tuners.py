@@ -204,9 +204,10 @@ def main(argv=None):
     ap.add_argument("--memory", action="store_true", help="also measure peak memory, one subprocess per config")
     ap.add_argument("--no-timing", action="store_true", help="only the memory measurement")
     ap.add_argument("--memory-of", nargs=3, metavar=("MODEL", "CONFIG", "SCORES"), help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine: oversubscribed OpenMP is ~10x slower)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.memory_of:
         print(json.dumps(memory_one(*args.memory_of[:2], args.batch, args.img, args.budget, args.memory_of[2])))
         return 0
@@ -227,7 +228,7 @@ def main(argv=None):
             del base
             for name in args.configs:
                 out = subprocess.run([sys.executable, __file__, "--memory-of", mk, name, scores_file, "--batch", str(args.batch),
-                                      "--img", str(args.img), "--budget", args.budget],
+                                      "--img", str(args.img), "--budget", args.budget, "--threads", str(args.threads)],
                                      capture_output=True, text=True, check=True)
                 res[name].update(json.loads(out.stdout.strip().splitlines()[-1]))
         results["models"][mk] = res
