@@ -1,4 +1,5 @@
 """SPT allocation: a hand-built score map with hand-computed results, and budgets on real architectures."""
+import math
 import warnings
 
 import pytest
@@ -157,3 +158,58 @@ def test_budget_errors():
         make_plan(model, bad, "spt-lora", 10)
     with pytest.raises(ValueError, match="not a parameter"):
         make_plan(model, {"blocks.0.x": torch.zeros(1)}, "spt-lora", 10)
+
+
+class _Mixed(nn.Module):
+    """A fused qkv (q/k/v slices), two MLP matrices, a 3×3 conv, a depthwise conv, norms, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(16, 48)
+        self.fc1 = nn.Linear(16, 40)
+        self.fc2 = nn.Linear(40, 16, bias=False)
+        self.conv = nn.Conv2d(8, 12, 3)
+        self.dw = nn.Conv2d(12, 12, 3, groups=12)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 2)
+
+
+def _plan_key(plan):
+    units = sorted((u.target, u.mode, u.slice, tuple(u.indices.tolist()) if u.indices is not None else ())
+                   for u in plan.units)
+    return units, plan.stats
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_candidate_floor_gives_the_full_sort_allocation(seed, monkeypatch):
+    """Sorting only the candidates above a sampled floor changes nothing, whatever the floor.
+
+    Reference: every entry a candidate (one stable full sort per group). Compared: the default
+    floor and a floor far too high (every query falls back to scans and lowered floors), on
+    continuous, heavy-tailed and heavily tied scores.
+    """
+    from sensitune.planning import spt as spt_module
+
+    model = _Mixed()
+    g = torch.Generator().manual_seed(seed)
+    kind = seed % 3
+    scores = {}
+    for n, p in model.named_parameters():
+        if kind == 0:
+            s = torch.rand(p.shape, generator=g)
+        elif kind == 1:
+            s = torch.randn(p.shape, generator=g).mul(3).exp()
+        else:  # few distinct values: ties at every cut
+            s = torch.randint(0, 6, p.shape, generator=g).float()
+        scores[n] = s
+    for method in ("spt-lora", "spt-adapter"):
+        for budget in (10, 60, 200, 500):
+            opts = dict(rank=2, alpha=4.0, beta=3.0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                monkeypatch.setattr(spt_module, "CANDIDATES_PER_BUDGET", math.inf)
+                ref = _plan_key(make_plan(model, scores, method, budget, **opts))
+                for share in (4.0, 1e-9):  # the default and a floor at the top score
+                    monkeypatch.setattr(spt_module, "CANDIDATES_PER_BUDGET", share)
+                    assert _plan_key(make_plan(model, scores, method, budget, **opts)) == ref, (method, budget, share)

@@ -34,8 +34,24 @@ from sensitune.planning.common import Context, checked_scores, head_units, make
 from sensitune.planning.plan import Plan, Unit
 
 
+#: the first candidate set holds about this many entries per budgeted parameter (estimated from a
+#: sample); the result never depends on it, only the time: too few candidates cost exact scans
+#: and a lower floor, too many a larger sort
+CANDIDATES_PER_BUDGET = 4.0
+#: entries sampled to estimate the initial floor
+_SAMPLE = 1 << 20
+
+
 @dataclass
 class _Group:
+    """One matrix, q/k/v slice or vector, with its highest scores sorted.
+
+    Only the candidates (the entries scoring at least ``floor``) are sorted, stably, so their
+    order (score, then index) is the tail of a stable full sort and every query about the top
+    ranks answers exactly as a full sort would; a query reaching below the floor lowers it
+    (:meth:`ensure`) and a count below it scans the raw scores.
+    """
+
     name: str  # parameter name
     shape: tuple[int, ...]
     slice: str | None
@@ -44,27 +60,58 @@ class _Group:
     structured_cost: int  # 0 = not eligible
     threshold: float  # c at or above which the group goes structured / whole
     whole_cost: int  # cost when c reaches the threshold
-    asc: Tensor  # the group's scores, ascending
-    order: Tensor  # flat indices (into the full tensor) in that order
+    vals: Tensor  # the group's scores in flat order (a view)
+    offset: int  # flat index (into the full tensor) of vals[0]
+    lowest: float
+    highest: float
     cap: int | None = None  # set when the group is held below its switch point (see _block)
+    floor: float = math.inf
+    asc: Tensor | None = None  # the candidates' scores, ascending
+    order: Tensor | None = None  # their flat indices (into the full tensor) in that order
+
+    def set_floor(self, floor: float) -> None:
+        """Make the entries scoring at least ``floor`` the (stably sorted) candidates."""
+        if floor <= self.lowest:
+            floor, vals, pos = -math.inf, self.vals, None
+        else:
+            keep = self.vals >= floor
+            pos = keep.nonzero().view(-1)
+            vals = self.vals[pos]
+        self.asc, perm = torch.sort(vals, stable=True)
+        self.order = (perm if pos is None else pos[perm]) + self.offset
+        self.floor = floor
+
+    def ensure(self, k: int) -> None:
+        """Lower the floor until the top k entries are candidates."""
+        n = self.vals.numel()
+        k = min(k, n)
+        if self.asc is None or self.asc.numel() < k:
+            self.set_floor(-math.inf if k == n else float(torch.kthvalue(self.vals, n - k + 1).values))
 
     def top_scores(self, start: int, stop: int) -> Tensor:
         """Scores ranked start..stop-1 (rank 0 = highest), highest first."""
-        n = self.asc.numel()
-        return self.asc[max(0, n - stop):n - start].flip(0)
+        self.ensure(stop)
+        m = self.asc.numel()
+        return self.asc[max(0, m - stop):m - start].flip(0)
 
     def top_indices(self, c: int) -> Tensor:
+        self.ensure(c)
         return self.order[self.asc.numel() - c:] if c else self.order[:0]
 
     def count(self, t: float) -> int:
-        c = self.asc.numel() - int(torch.searchsorted(self.asc, torch.tensor([t], dtype=self.asc.dtype))[0])
+        if t <= self.lowest:
+            c = self.vals.numel()
+        elif t >= self.floor:
+            c = self.asc.numel() - int(torch.searchsorted(self.asc, torch.tensor([t], dtype=self.asc.dtype))[0])
+        else:  # below the candidates: exact, without sorting
+            c = int(torch.count_nonzero(self.vals >= t))
         return c if self.cap is None else min(c, self.cap)
 
     def limit(self) -> int:
         """Most entries the group can take without switching to structured/whole."""
         if self.cap is not None:
             return self.cap
-        return math.ceil(self.threshold) - 1 if self.threshold else self.asc.numel()
+        return math.ceil(self.threshold) - 1 if self.threshold else self.vals.numel()
 
     def block(self) -> None:
         """Hold the group below its switch point: it keeps only individual entries."""
@@ -81,29 +128,60 @@ def _groups(ctx: Context, sc: dict[str, Tensor], structured: str, rank: int, alp
     for info in ctx.infos:
         if info.kind not in ("matrix", "vector") or info.name not in sc:
             continue
-        s = sc[info.name].abs()
+        s = sc[info.name].abs().reshape(-1)
         if info.kind == "vector":
-            parts = [(None, None, s.reshape(-1), torch.arange(info.numel))]
+            parts = [(None, None, s, 0)]
         else:
-            rows, cols = info.matrix_shape
-            m = s.reshape(rows, cols)
-            flat = torch.arange(info.numel).reshape(rows, cols)
-            parts = ([(sl.name, (sl.start, sl.stop), m[sl.start:sl.stop].reshape(-1), flat[sl.start:sl.stop].reshape(-1))
-                      for sl in info.slices] if info.slices else [(None, None, m.reshape(-1), flat.reshape(-1))])
-        for sl_name, rows_, vals, idx in parts:
-            asc, perm = torch.sort(vals)
+            cols = info.matrix_shape[1]
+            # a row slice of a row-major matrix is a contiguous run of the flat scores
+            parts = ([(sl.name, (sl.start, sl.stop), s[sl.start * cols:sl.stop * cols], sl.start * cols)
+                      for sl in info.slices] if info.slices else [(None, None, s, 0)])
+        for sl_name, rows_, vals, offset in parts:
+            lowest, highest = (float(v) for v in torch.aminmax(vals))
             if info.kind == "vector":
                 d = vals.numel()
-                g = _Group(info.name, info.shape, None, None, False, 0, d / beta, d, asc, idx[perm])
+                g = _Group(info.name, info.shape, None, None, False, 0, d / beta, d, vals, offset, lowest, highest)
             else:
                 d_out = vals.numel() // info.matrix_shape[1] if rows_ is None else rows_[1] - rows_[0]
                 d_in = info.matrix_shape[1]
                 cost = rank * (d_in + d_out) if structured == "lora" else 2 * rank * d_out + rank + d_out
                 eligible = (info.layer == "linear" or info.groups == 1) and cost < vals.numel()
                 g = _Group(info.name, info.shape, sl_name, rows_, True, cost if eligible else 0,
-                           cost / alpha if eligible else 0.0, cost, asc, idx[perm])
+                           cost / alpha if eligible else 0.0, cost, vals, offset, lowest, highest)
             groups.append(g)
     return groups
+
+
+def _sampled_floor(groups: list[_Group], entries: float) -> float:
+    """A score about ``entries`` ranks from the top of all groups together, read off a fixed sample."""
+    n = sum(g.vals.numel() for g in groups)
+    if entries >= n:
+        return -math.inf
+    if n <= _SAMPLE:
+        sample = torch.cat([g.vals for g in groups])
+    else:
+        gen = torch.Generator().manual_seed(0)
+        sample = torch.cat([g.vals[torch.randint(g.vals.numel(), (max(1, round(_SAMPLE * g.vals.numel() / n)),),
+                                                 generator=gen)] for g in groups])
+    k = math.ceil(entries / n * sample.numel())
+    return -math.inf if k >= sample.numel() else float(torch.topk(sample, k + 1).values[-1])
+
+
+def _candidates(groups: list[_Group], target: int) -> None:
+    """Candidates deep enough that the bisection's answer lies among them: total(floor) ≥ target.
+
+    Starts at CANDIDATES_PER_BUDGET × target entries and quadruples; with everything a
+    candidate this is the full sort.
+    """
+    entries = CANDIDATES_PER_BUDGET * target
+    while True:
+        floor = _sampled_floor(groups, entries)
+        for g in groups:
+            if floor < g.floor:
+                g.set_floor(floor)
+        if floor == -math.inf or _total(groups, floor)[0] >= target:
+            return
+        entries *= 4
 
 
 def _total(groups: list[_Group], t: float) -> tuple[int, list[int]]:
@@ -192,13 +270,14 @@ def spt(ctx: Context, scores: Mapping[str, Tensor], budget: object = None, struc
     groups = _groups(ctx, sc, structured, rank, alpha, beta)
     if not groups:
         raise ValueError(f"{method}: none of the scored tensors is a weight matrix or vector of this model")
-    lo = min(float(g.asc[0]) for g in groups)
-    hi = max(float(g.asc[-1]) for g in groups)
+    lo = min(g.lowest for g in groups)
+    hi = max(g.highest for g in groups)
     most, _ = _total(groups, lo)
     target = parse_budget(budget, ctx.backbone_params, most)
 
     blocked: list[str] = []
     for _ in range(len(groups) + 1):
+        _candidates(groups, target)
         t_lo, counts_lo, total_lo, counts_hi, total_hi = _bisect(groups, lo, hi, target)
         hit = _hit(groups, target, counts_lo, total_lo, counts_hi, total_hi)
         if hit is not None:
