@@ -35,12 +35,13 @@ DEMO = {
 
 #: ``--full``: every method at the demo's a-priori lrs (1e-2 for the probe, LoRA and adapter
 #: families, 5e-3 for entry-wise sparse methods and BitFit, 1e-4 for full fine-tuning, whose fresh
-#: head trains at 1e-2: chosen on val200, benchmarks/results/bench.md), the 32-bit twin of 1-bit
-#: LoRA at 1e-2 and at the preset's 1e-3 (at 1e-2 it diverges once BatchNorm is frozen), and
-#: SPT-LoRA at exactly LoRA's backbone budget (182,272 on Lite0)
+#: head trains at 1e-2: chosen on val200, benchmarks/results/bench.md), LoRA and 1-bit LoRA also
+#: at their presets' 1e-3 (with BatchNorm frozen, 1e-2 diverges on most tasks), the 32-bit twin
+#: of 1-bit LoRA at both rates, and SPT-LoRA at exactly LoRA's backbone budget (182,272 on Lite0)
 FULL_METHODS = ("linear,lora:lr=0.01,spt-lora:lr=0.01,gps:lr=0.005,bi-lora:lr=0.01,bi-lora:lr=0.01:bits=32,"
-                "bi-lora:bits=32,spt-lora:lr=0.01:budget=182272,bitfit,adapter:lr=0.01,adaptformer:lr=0.01,"
-                "spt-adapter:lr=0.01,topk-sparse:lr=0.005,bi-adaptformer:lr=0.01,full:head_lr=0.01")
+                "bi-lora:bits=32,spt-lora:lr=0.01:budget=182272,lora,bi-lora,bitfit,adapter:lr=0.01,"
+                "adaptformer:lr=0.01,spt-adapter:lr=0.01,topk-sparse:lr=0.005,bi-adaptformer:lr=0.01,"
+                "full:head_lr=0.01")
 
 
 def register(subparsers) -> None:
