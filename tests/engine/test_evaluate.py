@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sensitune.engine.evaluate import confusion_matrix, evaluate_model, mean_class_accuracy
+from sensitune.engine.evaluation import confusion_matrix, evaluate_model, mean_class_accuracy
 
 
 class Lookup(nn.Module):

@@ -9,7 +9,7 @@ import torch
 
 from engine_helpers import TinyTask
 from sensitune.engine.config import build_config
-from sensitune.engine.evaluate import evaluate_model
+from sensitune.engine.evaluation import evaluate_model
 from sensitune.engine.pipeline import train
 from sensitune.engine.trainer import fit, frozen_norm_layers, param_groups
 from sensitune.planning import make_plan

@@ -15,7 +15,7 @@ _API = {
     "fit": "sensitune.engine.trainer",
     "FitResult": "sensitune.engine.trainer",
     "NonFiniteLossError": "sensitune.engine.trainer",
-    "evaluate_model": "sensitune.engine.evaluate",
+    "evaluate_model": "sensitune.engine.evaluation",
     "TrainConfig": "sensitune.engine.config",
     "build_config": "sensitune.engine.config",
 }

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from sensitune.engine.checkpoint import atomic_write_text, load_checkpoint, load_trainable_state
 from sensitune.engine.config import TrainConfig, build_config
-from sensitune.engine.evaluate import evaluate_model
+from sensitune.engine.evaluation import evaluate_model
 from sensitune.engine.trainer import distributed, fit, peak_memory_mb, resolve_device
 from sensitune.methods import Method, get_method
 

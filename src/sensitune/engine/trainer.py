@@ -48,7 +48,7 @@ from sensitune.engine.checkpoint import (
     trainable_state,
 )
 from sensitune.engine.config import TrainConfig
-from sensitune.engine.evaluate import autocast_context, evaluate_model, logits_of
+from sensitune.engine.evaluation import autocast_context, evaluate_model, logits_of
 
 #: settings that may change between a run and its resumption (they do not change the math)
 RESUME_FREE_KEYS = {"device", "num_workers", "progress", "tensorboard", "eval_batch_size", "data_root",
