@@ -13,6 +13,8 @@ Configurations (same model, batch, inputs; AdamW lr 1e-3, wd 1e-4 except the GPS
               selection mask before an Adam step (wd 0), optimizer state for every weight
 Step = forward + CE loss + backward + optimizer step + zero_grad. Times are medians over
 --steps rounds after --warmup rounds; every round runs the configurations in a rotated order.
+Each step is timed twice: wall clock, and the CPU time of the stepping thread ("cpu s"), which
+at --threads 1 is the robust figure on a shared machine (a descheduled step does not count).
 Peak memory: each configuration again in its own subprocess (--memory), as the growth of the
 process's peak RSS over its RSS before the first step, plus that peak itself.
 
@@ -69,6 +71,7 @@ class Config:
         self.name, self.model, self.optimizer = name, model, optimizer
         self.input_grad, self.masks, self.trainable = input_grad, masks or {}, trainable
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # CPU time of the stepping thread: robust to a shared machine at 1 thread
 
     def step(self, x, y):
         if self.input_grad:
@@ -148,12 +151,14 @@ def time_all(model_key, steps, warmup, batch, img, budget, names):
     for r in range(warmup + steps):
         order = configs[r % len(configs):] + configs[:r % len(configs)]
         for c in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             c.step(x, y)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
             if r >= warmup:
                 c.times.append(dt)
+                c.cpu_times.append(dc)
     return {c.name: {"median_s": statistics.median(c.times), "min_s": min(c.times),
+                     "cpu_median_s": statistics.median(c.cpu_times),
                      "trainable": c.trainable, "optimizer_state_bytes": c.optimizer_bytes()} for c in configs}
 
 
@@ -242,10 +247,13 @@ def main(argv=None):
 def _print(mk, res):
     ref = {k: res[k]["median_s"] for k in res}
     print(f"\n{MODELS[mk][0]}")
-    print(f"{'config':<14}{'step s':>9}{'/lora':>7}{'/floor':>8}{'/full':>7}{'trainable':>12}{'opt MB':>9}{'peak+ MB':>10}")
+    cpu = {k: res[k].get("cpu_median_s", float("nan")) for k in res}
+    print(f"{'config':<14}{'step s':>9}{'/lora':>7}{'/floor':>8}{'/full':>7}{'cpu s':>8}{'/lora':>7}{'/floor':>8}{'/full':>7}"
+          f"{'trainable':>12}{'opt MB':>9}{'peak+ MB':>10}")
     for k, r in res.items():
-        rel = lambda base: f"{r['median_s'] / ref[base]:.2f}" if base in ref else "-"  # noqa: E731
-        print(f"{k:<14}{r['median_s']:>9.3f}{rel('lora'):>7}{rel('floor'):>8}{rel('full'):>7}{r['trainable']:>12,}"
+        rel = lambda t, base: f"{t[k] / t[base]:.2f}" if base in t else "-"  # noqa: E731
+        print(f"{k:<14}{r['median_s']:>9.3f}{rel(ref, 'lora'):>7}{rel(ref, 'floor'):>8}{rel(ref, 'full'):>7}"
+              f"{cpu[k]:>8.3f}{rel(cpu, 'lora'):>7}{rel(cpu, 'floor'):>8}{rel(cpu, 'full'):>7}{r['trainable']:>12,}"
               f"{r['optimizer_state_bytes'] / 2**20:>9.2f}{r.get('peak_growth_mb', float('nan')):>10.0f}")
 
 

@@ -5,9 +5,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers.padding import pad_same
 
 from sensitune.planning import METHODS, Plan, make_plan
 from sensitune.tuners import apply_plan, merge, trainable_parameters, unmerge
+from sensitune.tuners.apply import _lora_in_weight
 from sensitune.tuners.quant import quantize_ste
 
 
@@ -76,6 +78,36 @@ def test_lora_slices_forward_is_manual_computation():
     expected[..., 384:576] += x @ qkv.lora.v.A.t() @ qkv.lora.v.B.t()
     torch.testing.assert_close(qkv(x), expected)
     assert set(qkv.lora.keys()) == {"q", "v"}
+
+
+@pytest.mark.parametrize("conv", ["conv_stem", "blocks.1.0.conv_pw"])  # 3×3/2 "same"-padded, 1×1
+def test_conv_lora_folded_into_the_weight_matches_the_branch(conv):
+    """Without dropout a conv's LoRA runs as W + B·A; output and A/B gradients equal the side branch's."""
+    torch.manual_seed(0)
+    model = _effnet().double().train()
+    plan = make_plan(model, None, "lora", rank=3, targets=conv.replace(".", r"\.") + "$")
+    apply_plan(model, plan)
+    layer = model.get_submodule(conv)
+    lora = layer.lora.w
+    with torch.no_grad():
+        lora.B.normal_()
+    x = torch.randn(2, layer.in_channels, 9, 9, dtype=torch.float64)
+    gy = torch.randn_like(layer(x))
+    assert _lora_in_weight(layer, layer._sensitune)
+    folded = layer(x)
+    folded.backward(gy)
+    grads = [lora.A.grad.clone(), lora.B.grad.clone()]
+    lora.zero_grad()
+    base = type(layer).forward(layer, x)  # the frozen conv alone (Conv2dSame pads itself)
+    x_conv = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)  # TF "same" (a no-op for 1×1)
+    branch = base + lora(x_conv)
+    branch.backward(gy)
+    torch.testing.assert_close(folded, branch)
+    torch.testing.assert_close(grads, [lora.A.grad, lora.B.grad])
+    assert lora.is_linear()
+    lora.dropout = torch.nn.Dropout(0.5)  # dropout on x only: not a weight delta while training
+    assert not lora.is_linear()
+    assert lora.eval().is_linear()
 
 
 def test_low_bit_lora_uses_quantized_weights_and_nonzero_init():

@@ -71,11 +71,19 @@ class LoRA(nn.Module):
             y = y * self.scale
         return self.drop_path(y)
 
-    @torch.no_grad()
-    def delta_weight(self) -> Tensor:
-        """s · B·A as a (d_out × d_in·kh·kw) matrix: what merging adds to the base weight's rows."""
+    def is_linear(self) -> bool:
+        """True when ΔY is exactly (s·B·A)·x right now: no dropout or drop-path is active."""
+        return not self.training or (isinstance(self.dropout, nn.Identity) and isinstance(self.drop_path, nn.Identity))
+
+    def delta_matrix(self) -> Tensor:
+        """s · B·A as a (d_out × d_in·kh·kw) matrix, differentiable in A and B."""
         a, b = quantized(self.A, self.bits), quantized(self.B, self.bits)
         return (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)) * self.scale
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """What merging adds to the base weight's rows (:meth:`delta_matrix` without autograd)."""
+        return self.delta_matrix()
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale}, bits={self.bits}, conv={self.conv is not None}"
