@@ -2,13 +2,15 @@
 
 It trains nothing: accuracy is a fixed function of (task, method, lr, seed), so the harness's
 bookkeeping (skip, resume, select, aggregate) can be checked against hand-computed numbers.
-Every call appends one JSON line to ``calls_file`` so tests can count what actually ran.
+Every call appends one JSON line to ``calls_file`` so tests can count what actually ran;
+``hold`` seconds keep a cell running for tests that kill its bench.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 # val accuracy by lr for the selection tests: 1e-3 and 1e-2 are within one point -> 1e-3 wins
@@ -17,14 +19,17 @@ BASE = {"linear": 50.0, "lora": 70.0, "bi-lora": 68.0}
 
 
 def train(model, task, method, out, budget=None, config=None, *, resume=False, overwrite=False, log=print,
-          calls_file, seed=0, protocol="val", lr=None, method_options=None, fail_on=(), **overrides):
+          calls_file, seed=0, protocol="val", lr=None, method_options=None, fail_on=(), hold=0.0,
+          **overrides):
     out = Path(out)
     with open(calls_file, "a") as fh:
         fh.write(json.dumps({"task": Path(str(task)).name, "method": method, "out": str(out), "seed": seed,
                              "protocol": protocol, "lr": lr, "resume": resume, "overwrite": overwrite,
-                             "options": method_options, "budget": budget, "pid": os.getpid(), "overrides": overrides,
+                             "options": method_options, "budget": budget, "pid": os.getpid(), "ppid": os.getppid(),
+                             "overrides": overrides,
                              "threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None}) + "\n")
     out.mkdir(parents=True, exist_ok=True)
+    time.sleep(hold)  # a cell that is still running when the test kills its bench
     (out / "run.json").write_text(json.dumps({"method": method}))
     if method in fail_on or (lr is not None and lr >= 0.5):
         raise FloatingPointError("loss became NaN at epoch 1 (fake)")

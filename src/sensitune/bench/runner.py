@@ -13,6 +13,7 @@ Layout of ``out``::
     <task>/<method>/seed<k>/            final cells (a train() run folder each)
     <task>/<method>/select/lr<lr>/      lr-selection cells
     logs/<task>__<method>__<cell>.log   each cell's log
+    locks/<task>__<method>__<cell>.lock held by the process running the cell
 
 Restart-safe: a cell whose ``results.json`` is complete is skipped; a cell that was killed
 midway resumes from its checkpoint; a failed cell is recorded and skipped on restart unless
@@ -22,10 +23,17 @@ By default each cell runs in its own process forked from a preloaded server, bec
 engine reports peak memory as the process's peak resident set: in one long process every
 cell would report the largest peak so far. The server imports torch once, so a cell costs
 a fork, not an interpreter start.
+
+No process outlives the bench: a bench that stops (error, Ctrl-C) kills its running cells, and
+each cell watches a pipe from the bench and kills itself at its EOF, which also covers SIGTERM
+and SIGKILL; the server exits once no bench and no cell holds its keep-alive pipe. A cell holds
+an exclusive flock on ``locks/<cell>.lock`` while it runs, so a second bench on the same folder
+stops with :class:`CellBusy` instead of writing the cell's folder at the same time.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import importlib
 import json
 import math
@@ -33,6 +41,7 @@ import multiprocessing as mp
 import os
 import platform
 import re
+import signal
 import sys
 import threading
 import time
@@ -158,74 +167,171 @@ def _resolve(ref: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module), name)
 
 
-def _run_cell(train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str],
-              threads: int | None) -> dict[str, Any]:
-    """Run one cell (in this process); returns {'ok': True} or {'ok': False, 'error': ...}."""
-    if threads:
-        import torch
+#: how long a cell waits for another process to release its folder (an orphan of a killed bench
+#: is gone within a second now) before the bench refuses to go on
+LOCK_GRACE = 5.0
 
-        torch.set_num_threads(threads)
-    for p in reversed(extra_sys_path):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as fh:
-        def log(msg: str) -> None:
-            fh.write(str(msg) + "\n")
-            fh.flush()
 
-        cpu0 = time.process_time()  # all threads of this process: the cell's cost on an idle machine
+class CellBusy(RuntimeError):
+    """Another process holds a cell's lock: two writers would corrupt its folder."""
+
+
+def _lock_cell(path: str, grace: float) -> int:
+    """Open ``path`` and hold an exclusive flock on it; returns the fd (closing it, or the process
+    dying, releases the lock). Raises CellBusy when another process still holds it after ``grace``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + grace
+    while True:
         try:
-            _resolve(train_ref)(**kwargs, log=log)
-            return {"ok": True, "cpu_seconds": time.process_time() - cpu0}
-        except Exception as exc:  # a failed cell must not stop the grid
-            fh.write(traceback.format_exc())
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise CellBusy(f"{path} is held by process {holder} (another bench on this folder?); "
+                               "stop it or let it finish, then run again") from None
+            time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
-def _die_with_parent() -> None:
-    """Linux: the cell gets SIGTERM when its parent (the fork server) exits, so a killed bench
-    leaves no orphan cells training in the background."""
+def _run_cell(train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str],
+              threads: int | None, lock_path: str, retrying: bool) -> dict[str, Any]:
+    """Run one cell (in this process) holding its lock; returns {'ok': True}, {'ok': False, 'error': ...}
+    or {'ok': False, 'busy': ...} when another process holds the cell.
+
+    Whether to resume is decided under the lock: a writer that held it before may have
+    finished the cell or created its run folder meanwhile."""
     try:
-        import ctypes
-        import signal
+        lock_fd = _lock_cell(lock_path, LOCK_GRACE)
+    except CellBusy as exc:
+        return {"ok": False, "busy": str(exc)}
+    try:
+        run_dir = Path(kwargs["out"])
+        if results_complete(run_dir) is not None:
+            return {"ok": True}
+        started = (run_dir / "run.json").is_file()
+        kwargs = {**kwargs, "resume": started and not retrying, "overwrite": started and retrying}
+        if threads:
+            import torch
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+            torch.set_num_threads(threads)
+        for p in reversed(extra_sys_path):
+            if p not in sys.path:
+                sys.path.insert(0, p)
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as fh:
+            def log(msg: str) -> None:
+                fh.write(str(msg) + "\n")
+                fh.flush()
+
+            cpu0 = time.process_time()  # all threads of this process: the cell's cost on an idle machine
+            try:
+                _resolve(train_ref)(**kwargs, log=log)
+                return {"ok": True, "cpu_seconds": time.process_time() - cpu0}
+            except Exception as exc:  # a failed cell must not stop the grid
+                fh.write(traceback.format_exc())
+                return {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+    finally:
+        os.close(lock_fd)
 
 
-def _child(conn, train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str],
-           threads: int | None) -> None:
-    _die_with_parent()
-    conn.send(_run_cell(train_ref, kwargs, log_path, extra_sys_path, threads))
+def _die_with_bench(bench_alive) -> None:
+    """Kill this cell as soon as the bench's end of ``bench_alive`` closes, i.e. when the bench
+    exits or is killed (even by SIGKILL, which runs no cleanup).
+
+    The cell is a child of the fork server, not of the bench, so a death signal (PR_SET_PDEATHSIG)
+    cannot name the bench; and the server outlives the bench while any cell lives, because every
+    cell holds the server's keep-alive pipe. The pipe's EOF needs no cooperation from the bench."""
+    def watch() -> None:
+        try:
+            bench_alive.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="bench-watchdog", daemon=True).start()
+
+
+def _child(conn, bench_alive, train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str],
+           threads: int | None, lock_path: str, retrying: bool) -> None:
+    # Ctrl-C reaches the whole terminal group: the bench stops its cells itself (_CellProcesses.stop),
+    # and a cell dying on its own first would be recorded as failed
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_bench(bench_alive)
+    conn.send(_run_cell(train_ref, kwargs, log_path, extra_sys_path, threads, lock_path, retrying))
     conn.close()
+
+
+#: everything a cell imports, paid once by the fork server instead of once per cell; this module
+#: too, so cells run the code the server started with even if runner.py is edited meanwhile
+SERVER_PRELOAD = ("sensitune.bench.runner", "sensitune.engine.pipeline", "sensitune.scoring", "sensitune.planning",
+                  "sensitune.tuners", "sensitune.artifacts", "sensitune.data.transforms", "matplotlib.pyplot")
 
 
 def _context() -> mp.context.BaseContext:
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     if method == "forkserver":
-        # everything a cell imports, paid once by the server instead of once per cell
-        ctx.set_forkserver_preload(["sensitune.engine.pipeline", "sensitune.scoring", "sensitune.planning",
-                                    "sensitune.tuners", "sensitune.artifacts", "sensitune.data.transforms",
-                                    "matplotlib.pyplot"])
+        ctx.set_forkserver_preload(list(SERVER_PRELOAD))
     return ctx
 
 
-def _run_isolated(ctx, train_ref: str, kwargs: dict[str, Any], log_path: str, threads: int | None) -> dict[str, Any]:
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, train_ref, kwargs, log_path, list(sys.path), threads), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        result = recv.recv()
-    except EOFError:
-        result = None
-    proc.join()
-    if result is None:
-        return {"ok": False, "error": f"the cell's process died (exit code {proc.exitcode}); see {log_path}"}
-    return result
+class _Stopped(Exception):
+    """The bench is stopping: a cell killed by it is neither a result nor a failure."""
+
+
+class _CellProcesses:
+    """The cells running in their own processes, so that a bench that stops on an exception or
+    Ctrl-C kills them (and does not record them as failed); a bench killed outright (SIGTERM,
+    SIGKILL) runs no code, which each cell's watchdog covers (:func:`_die_with_bench`)."""
+
+    def __init__(self, ctx: mp.context.BaseContext) -> None:
+        self.ctx = ctx
+        self.running: set[Any] = set()
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def run(self, train_ref: str, kwargs: dict[str, Any], log_path: str, threads: int | None,
+            lock_path: str, retrying: bool) -> dict[str, Any]:
+        recv, send = self.ctx.Pipe(duplex=False)
+        alive_r, alive_w = self.ctx.Pipe(duplex=False)  # the bench holds alive_w until the cell ends
+        proc = self.ctx.Process(target=_child, daemon=True,
+                                args=(send, alive_r, train_ref, kwargs, log_path, list(sys.path), threads,
+                                      lock_path, retrying))
+        try:
+            with self.lock:
+                if self.stopped:
+                    raise _Stopped
+                proc.start()
+                self.running.add(proc)
+            send.close()
+            alive_r.close()
+            try:
+                result = recv.recv()
+            except EOFError:
+                result = None
+            proc.join()
+        finally:
+            with self.lock:
+                self.running.discard(proc)
+            for c in (recv, send, alive_r, alive_w):
+                c.close()
+        if result is None and self.stopped:
+            raise _Stopped
+        if result is None:
+            return {"ok": False, "error": f"the cell's process died (exit code {proc.exitcode}); see {log_path}"}
+        return result
+
+    def stop(self) -> None:
+        """Kill every running cell and start no more."""
+        with self.lock:
+            self.stopped = True
+            for proc in self.running:
+                proc.kill()
 
 
 # -- the grid ------------------------------------------------------------------------------------------
@@ -331,7 +437,7 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
 
     out.mkdir(parents=True, exist_ok=True)
     save()
-    ctx = _context() if isolate else None
+    cells = _CellProcesses(_context()) if isolate else None
     lock = threading.RLock()
     bar = tqdm(total=len(select_cells) + len(final_cells), desc="bench", unit="run", disable=not progress,
                dynamic_ncols=True)
@@ -344,8 +450,8 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
             if done is not None or (cell.path in manifest["failed"] and not retry_failed):
                 bar.update(1)
                 return done
-            retrying = manifest["failed"].pop(cell.path, None) is not None
-        resume = (run_dir / "run.json").is_file() and not retrying
+            failure = manifest["failed"].pop(cell.path, None)
+            retrying = failure is not None
         method = get_method(cell.method.name)
         cell_over = {**overrides, "seed": cell.seed, "protocol": "val" if cell.phase == "select" else "final",
                      "progress": False}
@@ -359,14 +465,20 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
             cell_over["method_options"] = planner
         kwargs = dict(model=model, task=cell.task.task, method=cell.method.name, out=str(run_dir),
                       budget=None if cell_budget is None else str(cell_budget), config=config,
-                      resume=resume, overwrite=retrying and (run_dir / "run.json").is_file(), **cell_over)
+                      **cell_over)
         with lock:
             bar.set_postfix_str(f"{cell.task.name} {cell.method.label} {cell.phase} seed {cell.seed}"
                                 + (f" lr {lr:g}" if lr is not None else ""))
         log_path = str(out / "logs" / (cell.path.replace("/", "__") + ".log"))
+        lock_path = str(out / "locks" / (cell.path.replace("/", "__") + ".lock"))
         t0 = time.perf_counter()
-        outcome = (_run_isolated(ctx, train, kwargs, log_path, threads) if isolate
-                   else _run_cell(train, kwargs, log_path, [], threads))
+        outcome = (cells.run(train, kwargs, log_path, threads, lock_path, retrying) if cells
+                   else _run_cell(train, kwargs, log_path, [], threads, lock_path, retrying))
+        if outcome.get("busy"):
+            if retrying:
+                with lock:
+                    manifest["failed"][cell.path] = failure
+            raise CellBusy(outcome["busy"])
         res = results_complete(run_dir) if outcome["ok"] else None
         with lock:
             bar.update(1)
@@ -414,8 +526,20 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
                 unit(t, m)
         else:
             with ThreadPoolExecutor(max_workers=jobs) as pool:
-                for f in [pool.submit(unit, t, m) for t, m in units]:
-                    f.result()
+                futures = [pool.submit(unit, t, m) for t, m in units]
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    if cells:
+                        cells.stop()  # before the pool waits for its threads, which wait for their cells
+                    raise
+    except BaseException:
+        if cells:
+            cells.stop()
+        raise
     finally:
         bar.close()
         save()
