@@ -1,6 +1,7 @@
 """A killed bench leaves no process behind, and a cell folder never has two writers."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -76,7 +77,7 @@ def test_killing_the_bench_ends_its_fork_server_and_running_cells(tmp_path):
                 f"{name}: left behind {[p for p in pids | {server} if running(p)]}"
             # the cells' locks went with them: a new writer gets each cell at once
             locks = list((tmp_path / name / "locks").iterdir())
-            assert len(locks) == 2
+            assert len(locks) == 3  # the bench's and its two cells'
             for lock in locks:
                 with open(lock, "a") as fh:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,25 +91,39 @@ def test_killing_the_bench_ends_its_fork_server_and_running_cells(tmp_path):
             bench.wait()
 
 
-def test_a_cell_held_by_another_process_is_refused_not_shared(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def held(lock: Path):
+    """Another process holding an exclusive flock on ``lock`` (and claiming to be pid 4242)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, time\n"
+        f"fh = open({str(lock)!r}, 'w'); fcntl.flock(fh, fcntl.LOCK_EX); fh.write('4242'); fh.flush()\n"
+        "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_cell_or_bench_held_by_another_process_is_refused_not_shared(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "LOCK_GRACE", 0.0)
     opts = dict(suite="mini", model="tiny", methods="linear", seeds=[0], out=tmp_path / "res", isolate=False,
                 progress=False, train="bench_fake_engine:train", echo=lambda s: None,
                 overrides={"calls_file": str(tmp_path / "calls.jsonl")})
     run_bench(**opts, tasks=["textile"])  # a bench folder with one finished cell
-    lock = tmp_path / "res" / "locks" / "digits__linear__seed0.lock"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time\n"
-        f"fh = open({str(lock)!r}, 'w'); fcntl.flock(fh, fcntl.LOCK_EX); fh.write('4242'); fh.flush()\n"
-        "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(CellBusy, match="held by process 4242"):
+
+    def ran() -> int:
+        return len((tmp_path / "calls.jsonl").read_text().splitlines())
+
+    with held(tmp_path / "res" / "locks" / "digits__linear__seed0.lock"):
+        with pytest.raises(CellBusy, match="held by process 4242 .a bench running this cell"):
             run_bench(**opts, tasks=["digits"])
         manifest = json.loads((tmp_path / "res" / "bench.json").read_text())
-        assert not manifest["failed"] and len((tmp_path / "calls.jsonl").read_text().splitlines()) == 1  # not run
-    finally:
-        holder.kill()
-        holder.wait()
-    manifest = run_bench(**opts, tasks=["digits"])  # the holder died, and its lock with it
-    assert not manifest["failed"] and (tmp_path / "res/digits/linear/seed0/results.json").is_file()
+        assert not manifest["failed"] and ran() == 1  # the cell never ran, and is no failure
+    with held(tmp_path / "res" / "locks" / "bench.lock"):
+        with pytest.raises(CellBusy, match="held by process 4242 .another bench on this folder"):
+            run_bench(**opts, tasks=["digits"])
+        assert ran() == 1
+    manifest = run_bench(**opts, tasks=["digits"])  # the holders died, and their locks with them
+    assert not manifest["failed"] and ran() == 2 and (tmp_path / "res/digits/linear/seed0/results.json").is_file()

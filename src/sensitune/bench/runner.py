@@ -14,6 +14,7 @@ Layout of ``out``::
     <task>/<method>/select/lr<lr>/      lr-selection cells
     logs/<task>__<method>__<cell>.log   each cell's log
     locks/<task>__<method>__<cell>.lock held by the process running the cell
+    locks/bench.lock                    held by the bench running the grid
 
 Restart-safe: a cell whose ``results.json`` is complete is skipped; a cell that was killed
 midway resumes from its checkpoint; a failed cell is recorded and skipped on restart unless
@@ -26,12 +27,15 @@ a fork, not an interpreter start.
 
 No process outlives the bench: a bench that stops (error, Ctrl-C) kills its running cells, and
 each cell watches a pipe from the bench and kills itself at its EOF, which also covers SIGTERM
-and SIGKILL; the server exits once no bench and no cell holds its keep-alive pipe. A cell holds
-an exclusive flock on ``locks/<cell>.lock`` while it runs, so a second bench on the same folder
-stops with :class:`CellBusy` instead of writing the cell's folder at the same time.
+and SIGKILL; the server exits once no bench and no cell holds its keep-alive pipe. The bench
+holds an exclusive flock on ``locks/bench.lock`` and each cell one on ``locks/<cell>.lock`` while
+it runs (the kernel drops them with the process), so a second bench on the same folder, or a
+cell that outlived its bench, makes a bench stop with :class:`CellBusy` instead of writing the
+same files at the same time.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import importlib
@@ -49,7 +53,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -173,10 +177,11 @@ LOCK_GRACE = 5.0
 
 
 class CellBusy(RuntimeError):
-    """Another process holds a cell's lock: two writers would corrupt its folder."""
+    """Another process holds the lock of a cell or of the whole bench folder: two writers would
+    corrupt the cell's folder or lose each other's updates of ``bench.json``."""
 
 
-def _lock_cell(path: str, grace: float) -> int:
+def _lock(path: str | Path, grace: float, holder_is: str) -> int:
     """Open ``path`` and hold an exclusive flock on it; returns the fd (closing it, or the process
     dying, releases the lock). Raises CellBusy when another process still holds it after ``grace``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -190,12 +195,21 @@ def _lock_cell(path: str, grace: float) -> int:
             if time.monotonic() >= deadline:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                raise CellBusy(f"{path} is held by process {holder} (another bench on this folder?); "
+                raise CellBusy(f"{path} is held by process {holder} ({holder_is}); "
                                "stop it or let it finish, then run again") from None
             time.sleep(0.1)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+@contextlib.contextmanager
+def _locked(path: str | Path, grace: float, holder_is: str) -> Iterator[None]:
+    fd = _lock(path, grace, holder_is)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def _run_cell(train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_path: list[str],
@@ -206,7 +220,7 @@ def _run_cell(train_ref: str, kwargs: dict[str, Any], log_path: str, extra_sys_p
     Whether to resume is decided under the lock: a writer that held it before may have
     finished the cell or created its run folder meanwhile."""
     try:
-        lock_fd = _lock_cell(lock_path, LOCK_GRACE)
+        lock_fd = _lock(lock_path, LOCK_GRACE, "a bench running this cell")
     except CellBusy as exc:
         return {"ok": False, "busy": str(exc)}
     try:
@@ -402,145 +416,151 @@ def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence
                 "overrides": overrides, "lr_grid": grid, "tie_tolerance": tie_tolerance,
                 "engine_defaults": engine_defaults()}
     manifest_path = out / "bench.json"
-    previous: dict[str, Any] = {}
-    if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
-        diff = [_describe_change(k, previous.get(k), identity[k]) for k in IDENTITY if previous.get(k) != identity[k]]
-        if diff:
-            raise ValueError(f"{out} holds a bench with other settings (" + "; ".join(diff)
-                             + "); choose another --out folder")
-    elif out.exists() and any(out.iterdir()):
+    if not manifest_path.is_file() and out.exists() and any(p.name != "locks" for p in out.iterdir()):
         raise ValueError(f"--out {out} is not empty and holds no bench (bench.json); choose a new folder")
+    # one bench per folder, taken before bench.json is read: a second bench would overwrite the
+    # first's bench.json with its own view of the grid
+    with _locked(out / "locks" / "bench.lock", LOCK_GRACE, "another bench on this folder"):
+        previous: dict[str, Any] = {}
+        if manifest_path.is_file():
+            previous = json.loads(manifest_path.read_text())
+            diff = [_describe_change(k, previous.get(k), identity[k])
+                    for k in IDENTITY if previous.get(k) != identity[k]]
+            if diff:
+                raise ValueError(f"{out} holds a bench with other settings (" + "; ".join(diff)
+                                 + "); choose another --out folder")
 
-    final_cells = [_Cell(t, m, s, f"{t.name}/{m.folder}/seed{s}", "final") for t in task_list for m in specs for s in seeds]
-    select_cells = ([_Cell(t, m, seeds[0], f"{t.name}/{m.folder}/select/{_lr_folder(lr)}", "select", lr)
-                     for t in task_list for m in specs for lr in grid] if grid else [])
-    manifest: dict[str, Any] = {
-        "format": FORMAT, **identity, "command": command,
-        "tasks": [{"task": t.name, "group": t.group, "source": t.task} for t in task_list],
-        "methods": [m.label for m in specs],
-        "method_specs": {m.label: {"name": m.name, "options": m.options} for m in specs},
-        "seeds": seeds, "select_eval": "val200" if grid else None, "final_eval": "test",
-        "isolated": isolate, "jobs": jobs, "threads": threads, "machine": _machine(),
-        "started": previous.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cells": [{"task": c.task.name, "group": c.task.group, "method": c.method.label, "seed": c.seed,
-                   "path": c.path} for c in final_cells],
-        "select_cells": [{"task": c.task.name, "method": c.method.label, "lr": c.lr, "path": c.path} for c in select_cells],
-        "failed": dict(previous.get("failed") or {}),
-        "selection": dict(previous.get("selection") or {}),
-        "cpu_seconds": dict(previous.get("cpu_seconds") or {}),
-    }
+        final_cells = [_Cell(t, m, s, f"{t.name}/{m.folder}/seed{s}", "final")
+                       for t in task_list for m in specs for s in seeds]
+        select_cells = ([_Cell(t, m, seeds[0], f"{t.name}/{m.folder}/select/{_lr_folder(lr)}", "select", lr)
+                         for t in task_list for m in specs for lr in grid] if grid else [])
+        manifest: dict[str, Any] = {
+            "format": FORMAT, **identity, "command": command,
+            "tasks": [{"task": t.name, "group": t.group, "source": t.task} for t in task_list],
+            "methods": [m.label for m in specs],
+            "method_specs": {m.label: {"name": m.name, "options": m.options} for m in specs},
+            "seeds": seeds, "select_eval": "val200" if grid else None, "final_eval": "test",
+            "isolated": isolate, "jobs": jobs, "threads": threads, "machine": _machine(),
+            "started": previous.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "cells": [{"task": c.task.name, "group": c.task.group, "method": c.method.label, "seed": c.seed,
+                       "path": c.path} for c in final_cells],
+            "select_cells": [{"task": c.task.name, "method": c.method.label, "lr": c.lr, "path": c.path}
+                             for c in select_cells],
+            "failed": dict(previous.get("failed") or {}),
+            "selection": dict(previous.get("selection") or {}),
+            "cpu_seconds": dict(previous.get("cpu_seconds") or {}),
+        }
 
-    def save() -> None:
-        manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        def save() -> None:
+            manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
 
-    out.mkdir(parents=True, exist_ok=True)
-    save()
-    cells = _CellProcesses(_context()) if isolate else None
-    lock = threading.RLock()
-    bar = tqdm(total=len(select_cells) + len(final_cells), desc="bench", unit="run", disable=not progress,
-               dynamic_ncols=True)
-
-    def run(cell: _Cell, lr: float | None) -> dict[str, Any] | None:
-        """Run one cell unless finished/failed; returns its results (None when failed)."""
-        run_dir = out / cell.path
-        done = results_complete(run_dir)
-        with lock:
-            if done is not None or (cell.path in manifest["failed"] and not retry_failed):
-                bar.update(1)
-                return done
-            failure = manifest["failed"].pop(cell.path, None)
-            retrying = failure is not None
-        method = get_method(cell.method.name)
-        cell_over = {**overrides, "seed": cell.seed, "protocol": "val" if cell.phase == "select" else "final",
-                     "progress": False}
-        if lr is not None:
-            cell_over["lr"] = lr
-        train_keys = _train_keys() | ({"lr"} if not grid else set())
-        cell_over.update({k: v for k, v in cell.method.options.items() if k in train_keys})
-        planner = {k: v for k, v in cell.method.options.items() if k not in train_keys and k != "budget"}
-        cell_budget = cell.method.options.get("budget", budget if method.budget != "none" else None)
-        if planner:
-            cell_over["method_options"] = planner
-        kwargs = dict(model=model, task=cell.task.task, method=cell.method.name, out=str(run_dir),
-                      budget=None if cell_budget is None else str(cell_budget), config=config,
-                      **cell_over)
-        with lock:
-            bar.set_postfix_str(f"{cell.task.name} {cell.method.label} {cell.phase} seed {cell.seed}"
-                                + (f" lr {lr:g}" if lr is not None else ""))
-        log_path = str(out / "logs" / (cell.path.replace("/", "__") + ".log"))
-        lock_path = str(out / "locks" / (cell.path.replace("/", "__") + ".lock"))
-        t0 = time.perf_counter()
-        outcome = (cells.run(train, kwargs, log_path, threads, lock_path, retrying) if cells
-                   else _run_cell(train, kwargs, log_path, [], threads, lock_path, retrying))
-        if outcome.get("busy"):
-            if retrying:
-                with lock:
-                    manifest["failed"][cell.path] = failure
-            raise CellBusy(outcome["busy"])
-        res = results_complete(run_dir) if outcome["ok"] else None
-        with lock:
-            bar.update(1)
-            if res is None:
-                manifest["failed"][cell.path] = outcome.get("error") or "finished without a complete results.json"
-                echo(f"FAILED {cell.path}: {manifest['failed'][cell.path]} (log: {log_path})")
-            else:
-                if outcome.get("cpu_seconds") is not None:
-                    manifest["cpu_seconds"][cell.path] = round(outcome["cpu_seconds"], 1)
-                echo(f"{cell.task.name:>14} {cell.method.label:<16} {cell.phase:<6} seed {cell.seed}"
-                     + (f" lr {res.get('lr', lr):<8g}" if lr is not None or grid else "")
-                     + f" {res.get('eval_split', ''):>14} acc {float(res['accuracy']):6.2f}%"
-                     + f"  ({time.perf_counter() - t0:.0f}s)")
-            save()
-        return res
-
-    def unit(task: SuiteTask, spec: MethodSpec) -> None:
-        """One (task, method): its lr selection (if any), then its final cells, in that order."""
-        lr_choice: float | None = None
-        if grid:
-            val = {}
-            for cell in (c for c in select_cells if c.task is task and c.method is spec):
-                res = run(cell, cell.lr)
-                val[cell.lr] = None if res is None else float(res["accuracy"])
-            try:
-                lr_choice = choose_lr(val, tie_tolerance)
-            except ValueError as exc:
-                with lock:
-                    for cell in (c for c in final_cells if c.task is task and c.method is spec):
-                        manifest["failed"][cell.path] = f"no lr selected: {exc}"
-                        bar.update(1)
-                    save()
-                return
-            with lock:
-                manifest["selection"][f"{task.name}/{spec.label}"] = {
-                    "lr": lr_choice, "val_accuracy": {f"{k:g}": v for k, v in val.items()}}
-                save()
-        for cell in (c for c in final_cells if c.task is task and c.method is spec):
-            run(cell, lr_choice)
-
-    units = [(t, m) for t in task_list for m in specs]
-    try:
-        if jobs == 1:
-            for t, m in units:
-                unit(t, m)
-        else:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(unit, t, m) for t, m in units]
-                try:
-                    for f in futures:
-                        f.result()
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    if cells:
-                        cells.stop()  # before the pool waits for its threads, which wait for their cells
-                    raise
-    except BaseException:
-        if cells:
-            cells.stop()
-        raise
-    finally:
-        bar.close()
+        out.mkdir(parents=True, exist_ok=True)
         save()
-    return manifest
+        cells = _CellProcesses(_context()) if isolate else None
+        lock = threading.RLock()
+        bar = tqdm(total=len(select_cells) + len(final_cells), desc="bench", unit="run", disable=not progress,
+                   dynamic_ncols=True)
+
+        def run(cell: _Cell, lr: float | None) -> dict[str, Any] | None:
+            """Run one cell unless finished/failed; returns its results (None when failed)."""
+            run_dir = out / cell.path
+            done = results_complete(run_dir)
+            with lock:
+                if done is not None or (cell.path in manifest["failed"] and not retry_failed):
+                    bar.update(1)
+                    return done
+                failure = manifest["failed"].pop(cell.path, None)
+                retrying = failure is not None
+            method = get_method(cell.method.name)
+            cell_over = {**overrides, "seed": cell.seed, "protocol": "val" if cell.phase == "select" else "final",
+                         "progress": False}
+            if lr is not None:
+                cell_over["lr"] = lr
+            train_keys = _train_keys() | ({"lr"} if not grid else set())
+            cell_over.update({k: v for k, v in cell.method.options.items() if k in train_keys})
+            planner = {k: v for k, v in cell.method.options.items() if k not in train_keys and k != "budget"}
+            cell_budget = cell.method.options.get("budget", budget if method.budget != "none" else None)
+            if planner:
+                cell_over["method_options"] = planner
+            kwargs = dict(model=model, task=cell.task.task, method=cell.method.name, out=str(run_dir),
+                          budget=None if cell_budget is None else str(cell_budget), config=config,
+                          **cell_over)
+            with lock:
+                bar.set_postfix_str(f"{cell.task.name} {cell.method.label} {cell.phase} seed {cell.seed}"
+                                    + (f" lr {lr:g}" if lr is not None else ""))
+            log_path = str(out / "logs" / (cell.path.replace("/", "__") + ".log"))
+            lock_path = str(out / "locks" / (cell.path.replace("/", "__") + ".lock"))
+            t0 = time.perf_counter()
+            outcome = (cells.run(train, kwargs, log_path, threads, lock_path, retrying) if cells
+                       else _run_cell(train, kwargs, log_path, [], threads, lock_path, retrying))
+            if outcome.get("busy"):
+                if retrying:
+                    with lock:
+                        manifest["failed"][cell.path] = failure
+                raise CellBusy(outcome["busy"])
+            res = results_complete(run_dir) if outcome["ok"] else None
+            with lock:
+                bar.update(1)
+                if res is None:
+                    manifest["failed"][cell.path] = outcome.get("error") or "finished without a complete results.json"
+                    echo(f"FAILED {cell.path}: {manifest['failed'][cell.path]} (log: {log_path})")
+                else:
+                    if outcome.get("cpu_seconds") is not None:
+                        manifest["cpu_seconds"][cell.path] = round(outcome["cpu_seconds"], 1)
+                    echo(f"{cell.task.name:>14} {cell.method.label:<16} {cell.phase:<6} seed {cell.seed}"
+                         + (f" lr {res.get('lr', lr):<8g}" if lr is not None or grid else "")
+                         + f" {res.get('eval_split', ''):>14} acc {float(res['accuracy']):6.2f}%"
+                         + f"  ({time.perf_counter() - t0:.0f}s)")
+                save()
+            return res
+
+        def unit(task: SuiteTask, spec: MethodSpec) -> None:
+            """One (task, method): its lr selection (if any), then its final cells, in that order."""
+            lr_choice: float | None = None
+            if grid:
+                val = {}
+                for cell in (c for c in select_cells if c.task is task and c.method is spec):
+                    res = run(cell, cell.lr)
+                    val[cell.lr] = None if res is None else float(res["accuracy"])
+                try:
+                    lr_choice = choose_lr(val, tie_tolerance)
+                except ValueError as exc:
+                    with lock:
+                        for cell in (c for c in final_cells if c.task is task and c.method is spec):
+                            manifest["failed"][cell.path] = f"no lr selected: {exc}"
+                            bar.update(1)
+                        save()
+                    return
+                with lock:
+                    manifest["selection"][f"{task.name}/{spec.label}"] = {
+                        "lr": lr_choice, "val_accuracy": {f"{k:g}": v for k, v in val.items()}}
+                    save()
+            for cell in (c for c in final_cells if c.task is task and c.method is spec):
+                run(cell, lr_choice)
+
+        units = [(t, m) for t in task_list for m in specs]
+        try:
+            if jobs == 1:
+                for t, m in units:
+                    unit(t, m)
+            else:
+                with ThreadPoolExecutor(max_workers=jobs) as pool:
+                    futures = [pool.submit(unit, t, m) for t, m in units]
+                    try:
+                        for f in futures:
+                            f.result()
+                    except BaseException:
+                        for f in futures:
+                            f.cancel()
+                        if cells:
+                            cells.stop()  # before the pool waits for its threads, which wait for their cells
+                        raise
+        except BaseException:
+            if cells:
+                cells.stop()
+            raise
+        finally:
+            bar.close()
+            save()
+        return manifest
