@@ -100,7 +100,7 @@ def _lora_in_weight(module: nn.Module, st: _Tuning) -> bool:
     Exact (ΔY is linear in x when no dropout/drop-path is active) and cheaper for convs: the
     side branch costs two extra convs, an add and an input-gradient path over full activation
     maps, while the folded form pays one dense kernel gradient, a small matmul on CPU
-    (EfficientNet-Lite0 step: LoRA −12 %, SPT-LoRA −14 %; benchmarks/results/tuners.md).
+    (EfficientNet-Lite0 step, CPU time: LoRA −19 %, SPT-LoRA −15 %; benchmarks/results/tuners.md).
     Linear layers keep the branch (their dense weight gradient is the expensive part there),
     and so does a weight that is also sparse or quantised.
     """

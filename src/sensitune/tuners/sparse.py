@@ -218,8 +218,8 @@ class SparseConv2dFunction(_SparseFunction):
         with torch.autocast(gy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 w = _cast(scatter_delta(weight, values, geo.index), ctx.cast)
-                # with the saved input, not torch.nn.grad.conv2d_input's zero-stride stand-in, on
-                # which oneDNN's depthwise input gradient is up to ~2.5x slower (tuners.md)
+                # with the saved input, not torch.nn.grad.conv2d_input's zero-stride stand-in, on which
+                # oneDNN's input gradient of Lite0's depthwise convs took 1.6x the CPU time (tuners.md)
                 gx = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False, [0, 0],
                                                          groups, (True, False, False))[0]
             if ctx.needs_input_grad[2]:
