@@ -44,6 +44,20 @@ class TinyTask(Dataset):
         return x, self.y[i]
 
 
+class Crash(TinyTask):
+    """Raises after ``limit`` items, like a process dying mid-epoch."""
+
+    def __init__(self, limit: int, **kw):
+        super().__init__(**kw)
+        self.limit, self.calls = limit, 0
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise RuntimeError("simulated crash")
+        return super().__getitem__(i)
+
+
 def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

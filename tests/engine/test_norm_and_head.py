@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from engine_helpers import TinyTask
+from engine_helpers import Crash, TinyTask
 from sensitune.engine.config import build_config
 from sensitune.engine.evaluation import evaluate_model
 from sensitune.engine.pipeline import train
@@ -128,20 +128,6 @@ def test_config_checks_new_keys():
     assert paper.head_lr is None and paper.head_init == "default"
 
 
-class _Crash(TinyTask):
-    """Raises after ``limit`` items, like a process dying mid-epoch."""
-
-    def __init__(self, limit: int, **kw):
-        super().__init__(**kw)
-        self.limit, self.calls = limit, 0
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls > self.limit:
-            raise RuntimeError("simulated crash")
-        return super().__getitem__(i)
-
-
 def _half_trained_bn_model() -> torch.nn.Module:
     """The head plus the first half of the BN layers' biases train: the rest must stay frozen."""
     model = bn_model()
@@ -162,7 +148,7 @@ def test_resume_keeps_frozen_norms_frozen_and_matches_an_uninterrupted_run(tmp_p
     fit(ref, TinyTask(32), c, log=lambda s: None)
     crashed = _half_trained_bn_model()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(crashed, _Crash(32 + 8 * 2 + 3, n=32), c, out_dir=tmp_path, log=lambda s: None)
+        fit(crashed, Crash(32 + 8 * 2 + 3, n=32), c, out_dir=tmp_path, log=lambda s: None)
     resumed = _half_trained_bn_model()
     fit(resumed, TinyTask(32), c, out_dir=tmp_path, resume=True, log=lambda s: None)
     end_ref, end = norm_stats(ref), norm_stats(resumed)

@@ -13,26 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import train_child
-from engine_helpers import TinyTask, freeze_first_block, same_history, tiny_vit, trainable
+from engine_helpers import Crash, TinyTask, freeze_first_block, same_history, tiny_vit, trainable
 from sensitune.engine.checkpoint import load_checkpoint
 from sensitune.engine.config import build_config
 from sensitune.engine.trainer import fit
 
 CHILD = Path(__file__).with_name("train_child.py")
-
-
-class Crash(TinyTask):
-    """Raises after ``limit`` items, like a process dying mid-epoch."""
-
-    def __init__(self, limit: int, **kw):
-        super().__init__(**kw)
-        self.limit, self.calls = limit, 0
-
-    def __getitem__(self, i):
-        self.calls += 1
-        if self.calls > self.limit:
-            raise RuntimeError("simulated crash")
-        return super().__getitem__(i)
 
 
 def _cfg(**kw):
