@@ -176,9 +176,10 @@ def _resolve(ref: str) -> Callable[..., dict[str, Any]]:
 LOCK_GRACE = 5.0
 
 
-class CellBusy(RuntimeError):
+class CellBusy(ValueError):
     """Another process holds the lock of a cell or of the whole bench folder: two writers would
-    corrupt the cell's folder or lose each other's updates of ``bench.json``."""
+    corrupt the cell's folder or lose each other's updates of ``bench.json``. A ValueError: the
+    --out folder cannot be used now, which the CLI reports as an error, not a crash."""
 
 
 def _lock(path: str | Path, grace: float, holder_is: str) -> int:
