@@ -19,9 +19,11 @@ from sensitune.bench.runner import CellBusy, run_bench
 HERE = Path(__file__).resolve().parent
 
 # a bench of two cells side by side, each holding (sleeping) far longer than the test; the fake
-# engine needs no preloading, which would only slow the test down
+# engine needs no preloading, which would only slow the test down; Ctrl-C handled as in a terminal
+# even when the tests themselves run in the background (which ignores SIGINT in children)
 BENCH = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {here!r})
 from sensitune.bench import runner
 runner.SERVER_PRELOAD = ()
@@ -73,7 +75,7 @@ def test_killing_the_bench_ends_its_fork_server_and_running_cells(tmp_path):
             assert all(map(running, pids | {server}))
             benches[name].send_signal(sig)
             benches[name].wait(timeout=60)
-            assert wait_for(lambda: not any(map(running, pids | {server})), 15), \
+            assert wait_for(lambda: not any(map(running, pids | {server})), 30), \
                 f"{name}: left behind {[p for p in pids | {server} if running(p)]}"
             # the cells' locks went with them: a new writer gets each cell at once
             locks = list((tmp_path / name / "locks").iterdir())
