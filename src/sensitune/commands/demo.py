@@ -18,10 +18,12 @@ import time
 #: the demo's recipe: small images, few epochs, two single-thread cells side by side
 DEMO = {
     "model": "efficientnet_lite0",
-    # learning rates fixed a priori (never chosen on test): 1e-2 for the linear probe and the
-    # LoRA family (the rate that trained LoRA well on Lite0 here, benchmarks.md "recipe lesson"),
-    # 5e-3 for GPS, whose trained entries are pretrained weights themselves
-    "methods": "linear,lora:lr=0.01,spt-lora:lr=0.01,gps:lr=0.005,bi-lora:lr=0.01",
+    # learning rates chosen on validation data, never on test (benchmarks/results/bench.md, "lrs chosen on
+    # validation"): the demo's recipe trained on 200 train800 images (disjoint from val200, which the demo
+    # trains on) and scored on val200, over digits, textile, shapes_count; lr in {1e-3, 3e-3} (+1e-2 where
+    # 3e-3 won), the best mean of the 3 tasks, ties within 1 point to the smaller lr. LoRA: 1e-2 (73.0 vs
+    # 70.0 at 3e-3); SPT-LoRA and 1-bit LoRA: 1e-3 (ties). Linear 1e-2 and GPS 5e-3: earlier val200 runs.
+    "methods": "linear,lora:lr=0.01,spt-lora,gps:lr=0.005,bi-lora",
     "img_size": 64,
     "epochs": 5,
     "batch_size": 16,
@@ -33,15 +35,15 @@ DEMO = {
     "threads": 1,
 }
 
-#: ``--full``: every method at the demo's a-priori lrs (1e-2 for the probe, LoRA and adapter
-#: families, 5e-3 for entry-wise sparse methods and BitFit, 1e-4 for full fine-tuning, whose fresh
-#: head trains at 1e-2: chosen on val200, benchmarks/results/bench.md), LoRA and 1-bit LoRA also
-#: at their presets' 1e-3 (with BatchNorm frozen, 1e-2 diverges on most tasks), the 32-bit twin
-#: of 1-bit LoRA at both rates, and SPT-LoRA at exactly LoRA's backbone budget (182,272 on Lite0)
-FULL_METHODS = ("linear,lora:lr=0.01,spt-lora:lr=0.01,gps:lr=0.005,bi-lora:lr=0.01,bi-lora:lr=0.01:bits=32,"
-                "bi-lora:bits=32,spt-lora:lr=0.01:budget=182272,lora,bi-lora,bitfit,adapter:lr=0.01,"
-                "adaptformer:lr=0.01,spt-adapter:lr=0.01,topk-sparse:lr=0.005,bi-adaptformer:lr=0.01,"
-                "full:head_lr=0.01")
+#: ``--full``: every method plus the 32-bit twin of 1-bit LoRA and SPT-LoRA at exactly LoRA's backbone
+#: budget (182,272 on Lite0). Learning rates from the same validation experiment as the demo's (200
+#: train800 images -> val200, 3 tasks): LoRA 1e-2, SPT-LoRA 1e-3 at both budgets, 1-bit LoRA 1e-3. Columns
+#: the experiment did not reach keep their a-priori lr and are marked so in bench.md; LoRA and 1-bit LoRA
+#: also run at the presets' 1e-3 and the twin at both, since on the demo's own 200 images LoRA-family
+#: training at 1e-2 can end at chance (bench.md). Full fine-tuning's head trains at 1e-2 (val200 experiment).
+FULL_METHODS = ("linear,lora:lr=0.01,spt-lora,gps:lr=0.005,bi-lora,bi-lora:bits=32,bi-lora:lr=0.01:bits=32,"
+                "spt-lora:budget=182272,lora,bitfit,adapter:lr=0.01,adaptformer:lr=0.01,spt-adapter:lr=0.01,"
+                "topk-sparse:lr=0.005,bi-adaptformer:lr=0.01,full:head_lr=0.01")
 
 
 def register(subparsers) -> None:
