@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import timm
@@ -168,3 +169,13 @@ def test_zero_head_comes_after_scoring_and_spares_a_quantised_head(task, tmp_pat
     train("test_efficientnet", task, "linear", tmp_path / "bihead", method_options={"head_bits": 1},
           log=notes.append, **FAST)
     assert any("skipped for a quantised head" in n for n in notes)
+
+
+def test_zero_head_init_spares_a_head_the_plan_freezes(task, tmp_path):
+    """A frozen zero head would output zeros and pass no gradient: the loss would sit at ln C exactly."""
+    notes: list[str] = []
+    res = train("test_efficientnet", task, "lora", tmp_path / "frozen-head", method_options={"head": False},
+                log=notes.append, **FAST)
+    assert any("plan does not train the head" in n for n in notes)
+    classes = len(json.loads((tmp_path / "frozen-head" / "delta" / "delta.json").read_text())["class_names"])
+    assert abs(res["train_loss"] - math.log(classes)) > 1e-3

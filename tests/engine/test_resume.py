@@ -60,6 +60,23 @@ def test_resume_refuses_changed_settings(tmp_path):
         fit(tiny_vit(), TinyTask(16), _cfg(epochs=1, lr=2e-3, warmup_epochs=0), out_dir=tmp_path, resume=True, log=lambda s: None)
 
 
+def test_a_checkpoint_from_before_new_settings_resumes_under_their_legacy_values(tmp_path):
+    """Keys added later (frozen_bn, head_init, head_lr) are read as the behaviour old runs had."""
+    from sensitune.engine.checkpoint import save_checkpoint
+
+    fit(tiny_vit(), TinyTask(16), _cfg(epochs=1), out_dir=tmp_path, log=lambda s: None)
+    path = tmp_path / "checkpoints" / "last.pt"
+    old = load_checkpoint(path)
+    for key in ("frozen_bn", "head_init", "head_lr"):
+        del old["config"][key]
+    save_checkpoint(path, **{k: v for k, v in old.items() if k != "format"})
+    with pytest.raises(ValueError, match=r"frozen_bn: was 'train', now 'eval'.*--set frozen_bn=train"):
+        fit(tiny_vit(), TinyTask(16), _cfg(epochs=1), out_dir=tmp_path, resume=True, log=lambda s: None)
+    r = fit(tiny_vit(), TinyTask(16), _cfg(epochs=1, frozen_bn="train", head_init="default"), out_dir=tmp_path,
+            resume=True, log=lambda s: None)
+    assert r.resumed_from is not None
+
+
 def _child(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(CHILD), str(out), "--augment", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

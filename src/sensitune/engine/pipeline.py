@@ -149,13 +149,10 @@ def _head_size(model: nn.Module) -> int | None:
 
 
 def _plan_roles(model: nn.Module) -> dict[str, str]:
-    """Parameter name -> role the applied plan gives it (empty without a plan)."""
-    try:
-        from sensitune.tuners.apply import trainable_parameters
+    """Parameter name -> role the applied plan gives it."""
+    from sensitune.tuners.apply import trainable_parameters
 
-        return {name: role for name, _, role in trainable_parameters(model)}
-    except (ImportError, ValueError):
-        return {}
+    return {name: role for name, _, role in trainable_parameters(model)}
 
 
 def _no_decay_from_plan(roles: dict[str, str]) -> Callable[[str, nn.Parameter], bool]:
@@ -177,19 +174,15 @@ def _zero_head(model: nn.Module) -> None:
 
 
 def _norm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the running statistics of every norm layer that tracks them."""
-    return {f"{name}.{leaf}": buf.detach().clone() for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._NormBase)
-            for leaf, buf in m._buffers.items() if buf is not None and leaf in ("running_mean", "running_var")}
+    """Copies of exactly the running statistics a delta would store (``save_delta(norm_stats=True)``)."""
+    from sensitune.artifacts.merge import norm_stats
+
+    return {k: v.clone() for k, v in norm_stats(model).items()}
 
 
-def _save_delta(model: nn.Module, out: Path, meta: dict[str, Any], norm_stats: bool,
-                log: Callable[[str], None]) -> dict[str, Any]:
-    try:
-        from sensitune.artifacts import save_delta
-    except ImportError:
-        log("delta: sensitune.artifacts.save_delta is not available yet; skipped (the checkpoint holds the weights)")
-        return {"delta": None}
+def _save_delta(model: nn.Module, out: Path, meta: dict[str, Any], norm_stats: bool) -> dict[str, Any]:
+    from sensitune.artifacts import save_delta
+
     path = save_delta(model, out / "delta", meta=meta, norm_stats=norm_stats)
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     return {"delta": str(Path(path).relative_to(out)), "delta_bytes_on_disk": size}
@@ -315,8 +308,12 @@ def train(
     # after scoring (SPT's sensitivities flow through the head: a zero head would zero them all),
     # only a head made here (never a given model's), and only a float one (a 1-bit head's scale is
     # the spread of its weights, which zeros would collapse)
+    # and only a head the plan trains (a frozen zero head would output zeros and pass no gradient)
+    head_units = [u for u in plan.units if plan.is_head_unit(u)]
     if cfg.head_init == "zero" and isinstance(model, str):
-        if any(u.bits < 32 for u in plan.units if plan.is_head_unit(u)):
+        if not head_units:
+            log("head_init=zero: skipped, the plan does not train the head; it keeps the default init")
+        elif any(u.bits < 32 for u in head_units):
             log("head_init=zero: skipped for a quantised head (head_bits < 32); it keeps the default init")
         else:
             _zero_head(net)
@@ -347,7 +344,7 @@ def train(
         t = time.perf_counter()
         delta = _save_delta(net, out, {"class_names": task_info["class_names"], "data_config": task_info["data_config"],
                                        "backbone": {**source, "img_size": cfg.img_size},
-                                       "base_fingerprint": base_fingerprint}, norm_moved, log)
+                                       "base_fingerprint": base_fingerprint}, norm_moved)
         stage_seconds["save"] = time.perf_counter() - t
         last = fitted.history[-1]
         results = {

@@ -247,6 +247,11 @@ def schedule_lr(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
 
 
 # -- bookkeeping -------------------------------------------------------------------------------
+#: settings added after the first checkpoints were written, with the value that reproduces how
+#: those runs trained: an old checkpoint lacking the key resumes under that value
+LEGACY_DEFAULTS: dict[str, Any] = {"frozen_bn": "train", "head_init": "default", "head_lr": None}
+
+
 def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
 
@@ -343,10 +348,13 @@ def fit(
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         saved = ckpt["config"]
-        diff = {k: (saved.get(k), v) for k, v in config_fingerprint(cfg).items() if saved.get(k) != v}
+        was = {k: saved.get(k, LEGACY_DEFAULTS.get(k)) for k in config_fingerprint(cfg)}
+        diff = {k: (was[k], v) for k, v in config_fingerprint(cfg).items() if was[k] != v}
         if diff:
             raise ValueError(f"cannot resume {ckpt_path}: settings differ from the interrupted run "
-                             + ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+                             + ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                             + "; to continue it, pass its settings: "
+                             + " ".join(f"--set {k}={'null' if a is None else a}" for k, (a, _) in diff.items()))
         load_trainable_state(model, ckpt["model"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
