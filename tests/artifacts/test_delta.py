@@ -173,6 +173,41 @@ def test_indices_out_of_range(saved):
         load_delta(vit(0), saved)
 
 
+@pytest.mark.parametrize("shape", [4, None, "768", [[768], 192], {"rows": 768}])
+def test_tampered_plan_shape_is_a_delta_error(saved, shape):
+    """A malformed shape in delta.json's plan is refused as invalid (before any index check uses it)."""
+    def bad(meta):
+        meta["plan"]["units"][0]["shape"] = shape  # unit 0 is the sparse fc1 unit (key IDX)
+    _rewrite(saved, edit_meta=bad)
+    with pytest.raises(DeltaError, match=r"delta\.json.*invalid plan.*unit 0.*shape"):
+        read_delta(saved).plan
+
+
+def test_plan_without_units_is_a_delta_error(saved):
+    def drop(meta):
+        del meta["plan"]["units"]
+    _rewrite(saved, edit_meta=drop)
+    with pytest.raises(DeltaError, match="invalid plan.*lacks 'units'"):
+        load_delta(vit(0), saved)
+
+
+def test_repeated_indices_and_wrong_nnz(saved, tmp_path):
+    def repeat(t, meta):
+        t[IDX] = t[IDX].clone()
+        t[IDX][1] = t[IDX][0]
+    _rewrite(saved, repeat)
+    with pytest.raises(DeltaError, match=f"{IDX} has repeated indices"):
+        read_delta(saved).plan
+
+    save_delta(tuned_vit("spt"), tmp_path / "e")
+
+    def nnz(meta):
+        meta["plan"]["units"][0]["nnz"] += 1
+    _rewrite(tmp_path / "e", edit_meta=nnz)
+    with pytest.raises(DeltaError, match=f"{IDX} holds 300 indices but the plan says nnz=301"):
+        read_delta(tmp_path / "e").plan
+
+
 def test_missing_and_extra_keys(saved, tmp_path):
     def drop(t, meta):
         del t["head.weight"]

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from sensitune.planning import METHODS, Plan, make_plan, parse_budget
+from sensitune.planning.plan import index_key
 
 
 def _vit(depth=2, classes=5):
@@ -34,22 +35,52 @@ def test_save_load_round_trip(tmp_path, method):
 def test_from_json_rebuilds_the_plan_and_names_bad_input():
     model = _vit()
     plan = make_plan(model, _scores(model), "spt-lora", "2%")
-    indices = {i: u.indices.to(torch.int32) for i, u in enumerate(plan.units) if u.mode == "sparse"}
+    indices = {index_key(i, u.target): u.indices.to(torch.int32) for i, u in enumerate(plan.units) if u.mode == "sparse"}
     assert indices  # the plan mixes sparse and structured units
     again = Plan.from_json(json.loads(json.dumps(plan.to_json())), indices)
     assert again.to_json() == plan.to_json()
     assert all(u.indices.dtype == torch.int64 and torch.equal(u.indices, v.indices)
                for u, v in zip(again.units, plan.units) if u.mode == "sparse")
+    # a prefix selects the keys (a delta stores them as plan::<i>:<target>)
+    prefixed = Plan.from_json(plan.to_json(), {f"plan::{k}": v for k, v in indices.items()}, prefix="plan::")
+    assert prefixed.to_json() == plan.to_json()
     meta = plan.to_json()
-    first_sparse = min(indices)
-    with pytest.raises(ValueError, match=f"unit {first_sparse}: sparse unit .* needs indices"):
+    first_sparse = next(i for i, u in enumerate(plan.units) if u.mode == "sparse")
+    with pytest.raises(ValueError, match=f"unit {first_sparse} .*has no stored indices"):
         Plan.from_json(meta, {})
     broken = json.loads(json.dumps(meta))
     del broken["units"][0]["shape"]
-    with pytest.raises(ValueError, match="unit 0: plan unit lacks 'shape'"):
+    with pytest.raises(ValueError, match="unit 0.*: plan unit lacks 'shape'"):
         Plan.from_json(broken, indices)
     with pytest.raises(ValueError, match="plan lacks 'tensors'"):
         Plan.from_json({k: v for k, v in meta.items() if k != "tensors"}, indices)
+
+
+@pytest.mark.parametrize("shape", [4, "4", None, [[2], 3]])
+def test_from_json_refuses_a_malformed_shape(shape):
+    model = _vit()
+    plan = make_plan(model, _scores(model), "spt-lora", "2%")
+    indices = {index_key(i, u.target): u.indices for i, u in enumerate(plan.units) if u.mode == "sparse"}
+    for i in (0, next(i for i, u in enumerate(plan.units) if u.mode == "sparse")):
+        meta = plan.to_json()
+        meta["units"][i]["shape"] = shape
+        with pytest.raises(ValueError, match=f"unit {i}"):
+            Plan.from_json(meta, indices)
+
+
+def test_plan_without_units_is_refused(tmp_path):
+    """A plan JSON missing 'units' is a broken file, not a plan that tunes nothing."""
+    model = _vit()
+    plan = make_plan(model, _scores(model), "linear")
+    path = plan.save(tmp_path / "plan.json")
+    meta = json.loads(path.read_text())
+    assert Plan.from_json(meta).units == plan.units  # head units only, no indices needed
+    del meta["units"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"plan\.json: plan lacks 'units'"):
+        Plan.load(path)
+    with pytest.raises(ValueError, match="'units' must be a list, got NoneType"):
+        Plan.from_json({**meta, "units": None})
 
 
 def test_indices_are_stored_narrow_and_checked(tmp_path):

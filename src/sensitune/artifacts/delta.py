@@ -67,40 +67,40 @@ _ROLE_PART = {"sparse": "sparse_values", "lora_A": "lora", "lora_B": "lora", "ad
 # ----------------------------------------------------------------------------- plan glue
 def _plan_to_record(plan) -> tuple[dict, dict[str, Tensor]]:
     """The plan as JSON (no indices) and its sparse indices keyed ``plan::<i>:<target>``."""
+    from sensitune.planning.plan import index_key
+
     tensors = {}
     for i, u in enumerate(plan.units):
         if u.mode == "sparse":
-            tensors[f"{PLAN_PREFIX}{i}:{u.target}"] = u.indices.to(index_dtype(math.prod(u.shape))).contiguous()
+            tensors[PLAN_PREFIX + index_key(i, u.target)] = u.indices.to(index_dtype(math.prod(u.shape))).contiguous()
     return plan.to_json(), tensors
 
 
 def _plan_from_record(record: Mapping[str, Any], tensors: Mapping[str, Tensor], where: str):
-    """Rebuild the Plan from delta.json's ``plan`` and the stored indices (checked here, then by Plan)."""
-    from sensitune.planning.plan import Plan
+    """Rebuild the Plan from delta.json's ``plan`` and the stored indices.
 
-    indices = {}
-    for i, d in enumerate(record.get("units", [])):
-        if not isinstance(d, Mapping) or d.get("mode") != "sparse":
+    Plan.from_json validates the JSON and each unit's index range first; the checks here are
+    the ones it cannot make: the stored dtype, no repeats (Unit deduplicates) and the recorded nnz.
+    """
+    from sensitune.planning.plan import Plan, index_key
+
+    try:
+        plan = Plan.from_json(record, tensors, prefix=PLAN_PREFIX)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DeltaError(f"{where}: {META_FILE} holds an invalid plan ({exc})") from None
+    for i, u in enumerate(plan.units):
+        if u.mode != "sparse":
             continue
-        key = f"{PLAN_PREFIX}{i}:{d.get('target')}"
-        if key not in tensors:
-            raise DeltaError(f"{where}: plan unit {i} lacks its indices {key!r}")
+        key = PLAN_PREFIX + index_key(i, u.target)
         idx = tensors[key]
         if idx.dtype not in INDEX_DTYPES:
             raise DeltaError(f"{where}: {key} has dtype {dtype_name(idx.dtype)}; indices must be an integer dtype")
-        numel = math.prod(d.get("shape", ()))
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-            raise DeltaError(f"{where}: {key} has indices out of range [0, {numel}) "
-                             f"(min {int(idx.min())}, max {int(idx.max())})")
-        if idx.numel() != d.get("nnz", idx.numel()):
-            raise DeltaError(f"{where}: {key} holds {idx.numel()} indices but the plan says nnz={d['nnz']}")
-        if torch.unique(idx).numel() != idx.numel():
+        if idx.numel() != u.indices.numel():
             raise DeltaError(f"{where}: {key} has repeated indices")
-        indices[i] = idx
-    try:
-        return Plan.from_json(record, indices)
-    except (TypeError, ValueError) as exc:
-        raise DeltaError(f"{where}: invalid plan ({exc})") from None
+        nnz = record["units"][i].get("nnz", idx.numel())
+        if idx.numel() != nnz:
+            raise DeltaError(f"{where}: {key} holds {idx.numel()} indices but the plan says nnz={nnz}")
+    return plan
 
 
 def quantised_params(plan) -> dict[str, int]:
@@ -349,6 +349,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
     when training ran BatchNorm in train mode). Pass False if they were kept frozen.
     """
     from sensitune import __version__
+    from sensitune.planning.plan import index_key
     from sensitune.tuners.quant import pack_quantized
 
     plan = _model_plan(model, plan)
@@ -369,7 +370,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
 
     for i, u in enumerate(plan.units):
         if u.mode == "sparse":
-            key = f"{PLAN_PREFIX}{i}:{u.target}"
+            key = PLAN_PREFIX + index_key(i, u.target)
             put(key, plan_tensors[key], part="sparse_indices", unit=i, target=u.target, target_numel=math.prod(u.shape))
     for name, role in roles.items():
         try:

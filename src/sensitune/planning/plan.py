@@ -185,6 +185,9 @@ class Unit:
         """The unit :meth:`to_json` wrote; a sparse unit's indices travel separately (safetensors)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"a plan unit must be a JSON object, got {type(d).__name__}")
+        shape = d.get("shape")
+        if "shape" in d and not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
+            raise ValueError(f"plan unit {d.get('target')!r}: shape must be a list of integers >= 0, got {shape!r}")
         try:
             return cls(target=d["target"], mode=d["mode"], shape=tuple(d["shape"]), slice=d.get("slice"),
                        slice_rows=tuple(d["slice_rows"]) if "slice_rows" in d else None,
@@ -199,6 +202,11 @@ class Unit:
 
 def _packed(numel: int, bits: int) -> int:
     return 4 * numel if bits == 32 else math.ceil(numel * bits / 8) + 8
+
+
+def index_key(i: int, target: str) -> str:
+    """Key of sparse unit ``i``'s flat indices in an indices file (plan files; deltas prefix it)."""
+    return f"{i}:{target}"
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -351,7 +359,7 @@ class Plan:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = self.to_json()
-        tensors = {f"{i}:{u.target}": u.indices.to(index_dtype(math.prod(u.shape))).contiguous()
+        tensors = {index_key(i, u.target): u.indices.to(index_dtype(math.prod(u.shape))).contiguous()
                    for i, u in enumerate(self.units) if u.mode == "sparse"}
         if tensors:
             side = path.with_suffix(".safetensors")
@@ -392,38 +400,46 @@ class Plan:
             if _sha256(side) != meta["indices"]["sha256"]:
                 raise ValueError(f"{side} does not match {path} (checksum differs): files from different saves?")
             stored = load_file(str(side))
-        indices = {}
-        for i, d in enumerate(meta.get("units") or []):
-            if isinstance(d, Mapping) and d.get("mode") == "sparse":
-                key = f"{i}:{d.get('target')}"
-                if key not in stored:
-                    raise ValueError(f"{path}: sparse unit {i} has no indices ({key!r}) in its indices file")
-                indices[i] = stored[key]
         try:
-            return cls.from_json(meta, indices)
+            return cls.from_json(meta, stored)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
 
     @classmethod
-    def from_json(cls, meta: Mapping[str, Any], indices: Mapping[int, Tensor] | None = None) -> "Plan":
-        """The plan :meth:`to_json` wrote; ``indices`` maps a sparse unit's position to its flat indices.
+    def from_json(cls, meta: Mapping[str, Any], indices: Mapping[str, Tensor] | None = None, *,
+                  prefix: str = "") -> "Plan":
+        """The plan :meth:`to_json` wrote; sparse unit ``i``'s flat indices are ``indices[prefix + index_key(i, target)]``
+        (the keys plan files and deltas store them under).
 
         The one parser of plan JSON (plan files, task deltas); raises ValueError naming what is wrong.
         """
         indices = indices or {}
         if not isinstance(meta, Mapping):
             raise ValueError(f"a plan must be a JSON object, got {type(meta).__name__}")
+        if "units" not in meta:
+            raise ValueError("plan lacks 'units' (a plan that tunes nothing says \"units\": [])")
+        if not isinstance(meta["units"], list):
+            raise ValueError(f"plan 'units' must be a list, got {type(meta['units']).__name__}")
         units = []
-        for i, d in enumerate(meta.get("units") or []):
+        for i, d in enumerate(meta["units"]):
+            where, idx = f"unit {i}", None
+            if isinstance(d, Mapping) and d.get("mode") == "sparse":
+                key = prefix + index_key(i, d.get("target"))
+                where += f" (indices {key!r})"
+                idx = indices.get(key)
+                if idx is None:
+                    raise ValueError(f"{where}: sparse unit {d.get('target')!r} has no stored indices")
             try:
-                units.append(Unit.from_json(d, indices.get(i)))
+                units.append(Unit.from_json(d, idx))
             except ValueError as exc:
-                raise ValueError(f"unit {i}: {exc}") from None
+                raise ValueError(f"{where}: {exc}") from None
         try:
             return cls(method=meta["method"], units=units, tensors=meta["tensors"], head=meta.get("head", []),
                        budget=meta.get("budget"), options=meta.get("options", {}), stats=meta.get("stats", {}))
         except KeyError as exc:
             raise ValueError(f"plan lacks {exc}") from None
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"plan is malformed: {exc}") from None
 
     # ---------------------------------------------------------------- checks
     def check_model(self, model: nn.Module) -> None:
