@@ -39,10 +39,10 @@ DEMO = {
 #: budget (182,272 on Lite0). Learning rates from the same validation experiment as the demo's (200
 #: train800 images -> val200, 3 tasks): LoRA 1e-2, SPT-LoRA 1e-3 at both budgets, 1-bit LoRA 1e-3, its
 #: 32-bit twin 3e-3 (1e-2 diverged on val) and also 1e-3, the 1-bit column's rate; Adapter, AdaptFormer
-#: and SPT-Adapter 3e-3 (beat 1e-3; 1e-2 not yet tried). Bi-AdaptFormer (1e-2), top-k sparse (5e-3) and
-#: BitFit (5e-3) were not reached and keep their a-priori lr, marked so in bench.md. LoRA also runs at the preset's 1e-3:
-#: on the demo's own 200 images LoRA at 1e-2 can end at chance (bench.md). Full fine-tuning's head trains
-#: at 1e-2 (val200 experiment).
+#: and SPT-Adapter 3e-3 (beat 1e-3; 1e-2 lost or tied). Bi-AdaptFormer (1e-2), top-k sparse (5e-3) and
+#: BitFit (5e-3) were not reached and keep their a-priori lr, marked so in bench.md. LoRA also runs at
+#: the preset's 1e-3: on the demo's own 200 images LoRA at 1e-2 can end at chance (bench.md). Full
+#: fine-tuning's head trains at 1e-2 (val200 experiment).
 FULL_METHODS = ("linear,lora:lr=0.01,spt-lora,gps:lr=0.005,bi-lora,bi-lora:lr=0.003:bits=32,bi-lora:bits=32,"
                 "spt-lora:budget=182272,lora,bitfit,adapter:lr=0.003,adaptformer:lr=0.003,spt-adapter:lr=0.003,"
                 "topk-sparse:lr=0.005,bi-adaptformer:lr=0.01,full:head_lr=0.01")
