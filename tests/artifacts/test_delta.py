@@ -315,8 +315,54 @@ def test_batchnorm_statistics_travel_with_the_delta(tmp_path):
         assert torch.equal(load_delta(lite0(), tmp_path / "d")(x), expected)
     assert read_delta(tmp_path / "d").storage["by_part"]["norm_stats"]["tensors"] > 0
     save_delta(model, tmp_path / "frozen_bn", norm_stats=False)
+    # the statistics moved but this delta leaves them out: a fresh base's differ, so it is refused
+    with pytest.raises(DeltaError, match="different base weights"):
+        load_delta(lite0(), tmp_path / "frozen_bn")
+    with pytest.warns(UserWarning, match="force=True"), torch.no_grad():
+        assert not torch.allclose(load_delta(lite0(), tmp_path / "frozen_bn", force=True)(x), expected, atol=1e-4)
+
+
+def _perturbed_bn_base():
+    base = lite0()
+    bn = base.bn1  # the stem BatchNorm, which every output passes through
     with torch.no_grad():
-        assert not torch.allclose(load_delta(lite0(), tmp_path / "frozen_bn")(x), expected, atol=1e-4)
+        bn.running_mean.add_(0.5)
+    return base
+
+
+def test_a_delta_without_norm_stats_relies_on_the_base_statistics(tmp_path):
+    """BN kept frozen (norm_stats=False): the base's running statistics are part of the fingerprint."""
+    from sensitune.artifacts import base_fingerprint
+    from sensitune.planning.plan import Unit, model_shapes
+
+    base = lite0()
+    s = model_shapes(base)
+    w = "blocks.1.0.conv_pwl.weight"
+    units = [Unit(w, "lora", s[w], rank=2), Unit("classifier.weight", "head", s["classifier.weight"]),
+             Unit("classifier.bias", "head", s["classifier.bias"])]
+    plan = make_plan(base, units)
+    model = trained(base, plan)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    save_delta(model, tmp_path / "frozen", norm_stats=False)
+    save_delta(model, tmp_path / "with_stats")
+    assert read_delta(tmp_path / "frozen").meta["norm_stats"] is False
+    with torch.no_grad():  # the untouched base: both load and reproduce the outputs
+        assert torch.equal(load_delta(lite0(), tmp_path / "frozen")(x), expected)
+    with pytest.raises(DeltaError, match="different base weights.*force=True"):
+        load_delta(_perturbed_bn_base(), tmp_path / "frozen")
+    with pytest.warns(UserWarning, match="applying anyway because force=True"):
+        load_delta(_perturbed_bn_base(), tmp_path / "frozen", force=True)
+    with torch.no_grad():  # the delta's own statistics replace the perturbed ones
+        assert torch.equal(load_delta(_perturbed_bn_base(), tmp_path / "with_stats")(x), expected)
+
+    # a delta.json from before the 'norm_stats' field: the old rule (statistics never fingerprinted)
+    def old(meta):
+        del meta["norm_stats"]
+        meta["base_fingerprint"] = base_fingerprint(lite0(), plan, delta_has_norm_stats=True)
+    _rewrite(tmp_path / "frozen", edit_meta=old)
+    load_delta(_perturbed_bn_base(), tmp_path / "frozen")
 
 
 def test_plan_is_required(tmp_path):

@@ -8,7 +8,8 @@
   storage report: bytes on disk vs the theoretical minimum by part, versions). Atomic.
 * ``load_delta(base_or_name_or_None, path, *, force=False)`` checks the base fingerprint
   (``weights_fingerprint`` of every base tensor the delta relies on: head, tensors it replaces
-  and BatchNorm statistics excluded, so no record from before training is needed) and every
+  and, if the delta stores them, BatchNorm statistics excluded, so no record from before
+  training is needed) and every
   stored key, dtype, shape and index; safetensors + json only, never a pickle.
 * ``merge(model)``: a plain timm/torch copy with sparse, LoRA and k-bit weights folded in.
   Adapters and AdaptFormer are non-linear and are refused.

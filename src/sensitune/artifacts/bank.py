@@ -60,7 +60,7 @@ class TaskBank:
         if applied_plan(base) is not None:
             raise ValueError("TaskBank needs the plain base model, but this model already has a plan applied")
         self.model = base
-        self._fingerprints: dict[tuple[str, ...], str] = {}  # by the tensors a delta replaces
+        self._fingerprints: dict[tuple[str, ...], str] = {}  # by the tensors a delta replaces (+ BN rule)
         self._base_modules = dict(base.named_modules())  # saved once: what deactivation restores
         self._base_root: dict[str, Tensor] = {}
         self._tasks: dict[str, _Task] = {}
@@ -85,7 +85,7 @@ class TaskBank:
         active = self.active
         self.deactivate()
         try:
-            key = tuple(replaced_tensors(delta.plan))
+            key = (*replaced_tensors(delta.plan), f"norm_stats={delta.has_norm_stats}")
             if self._fingerprints.get(key) != delta.meta["base_fingerprint"]:
                 self._fingerprints[key] = check_fingerprint(self.model, delta, force=force)
             self._tasks[name] = self._build(delta, self._fingerprints[key])

@@ -13,9 +13,11 @@ trained (see :meth:`sensitune.planning.Plan.parameters`):
   belong to the task (``norm_stats=False`` leaves them out when they were kept frozen).
 
 ``delta.json`` carries the plan (units, no indices), the method, the backbone (name, how to get
-its weights, image size), the fingerprint of the base weights the delta relies on (see
+its weights, image size), whether it stores BatchNorm statistics (``norm_stats``), the
+fingerprint of the base weights the delta relies on (see
 :func:`sensitune.artifacts.merge.base_fingerprint`: every base tensor except the head, the
-tensors the delta replaces in full and BatchNorm statistics), class names, the data
+tensors the delta replaces in full and — only if the delta stores them — BatchNorm running
+statistics), class names, the data
 config, a manifest of every stored tensor (dtype, shape, part), the storage report, the
 sensitune version and the format version. Reading uses safetensors and json only: no pickle,
 so a delta cannot run code.
@@ -170,6 +172,14 @@ class Delta:
         if n is None:
             raise DeltaError(f"{self.where}: delta.json does not record num_classes")
         return int(n)
+
+    @property
+    def has_norm_stats(self) -> bool:
+        """Whether the delta stores BatchNorm statistics, so its fingerprint leaves the base's out.
+
+        Deltas written before delta.json recorded ``norm_stats`` used that rule whatever they stored.
+        """
+        return bool(self.meta.get("norm_stats", True))
 
     @property
     def storage(self) -> dict[str, Any]:
@@ -393,9 +403,10 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
         else:
             put(name, param, part=_ROLE_PART.get(role, role), **base)
 
-    fingerprint = base_fingerprint(model, plan)
     if norm_stats is None:
         norm_stats = meta.get("norm_stats", True)
+    norm_stats = bool(norm_stats)
+    fingerprint = base_fingerprint(model, plan, delta_has_norm_stats=norm_stats)
     if norm_stats:
         for bname, buf in _norm_stats(model).items():
             put(f"{BUFFER_PREFIX}{bname}", buf, part="norm_stats", buffer=bname)
@@ -413,6 +424,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
         "sensitune_version": __version__,
         "method": meta.get("method") or plan.method,
         "backbone": backbone,
+        "norm_stats": norm_stats,
         "base_fingerprint": fingerprint,
         "num_classes": num_classes,
         "class_names": list(class_names) if class_names is not None else None,
@@ -473,7 +485,7 @@ def _fit_head(model: nn.Module, plan) -> None:
 
 def check_fingerprint(model: nn.Module, delta: Delta, *, force: bool = False) -> str:
     """Refuse (or with ``force`` warn about) a base whose weights differ from the delta's base."""
-    have = base_fingerprint(model, delta.plan)
+    have = base_fingerprint(model, delta.plan, delta_has_norm_stats=delta.has_norm_stats)
     want = delta.meta["base_fingerprint"]
     if have != want:
         bb = delta.meta.get("backbone") or {}

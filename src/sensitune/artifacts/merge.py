@@ -40,9 +40,9 @@ _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @contextlib.contextmanager
-def base_view(model: nn.Module, hide: Iterable[str] = (), hide_norm_stats: bool = False) -> Iterator[nn.Module]:
-    """Temporarily hide what apply_plan added (and the named parameters ``hide``, and BatchNorm
-    running statistics if asked), so ``model`` enumerates only the base tensors that identify it.
+def base_view(model: nn.Module, hide: Iterable[str] = (), norm_buffers: Iterable[str] = ()) -> Iterator[nn.Module]:
+    """Temporarily hide what apply_plan added (and the named parameters ``hide``, and the BatchNorm
+    buffers named in ``norm_buffers``), so ``model`` enumerates only the base tensors that identify it.
 
     Merged modules are unmerged for the duration (bit-exact originals) and merged again after.
     """
@@ -52,7 +52,7 @@ def base_view(model: nn.Module, hide: Iterable[str] = (), hide_norm_stats: bool 
     was_merged = any(m.__dict__["_sensitune"].merged for m in model.modules() if _tuned(m))
     if was_merged:
         tuners_unmerge(model)
-    hide = set(hide)
+    hide, norm_buffers = set(hide), tuple(norm_buffers)
     hidden: list[tuple[dict, str, object]] = []
     try:
         for mod_name, m in model.named_modules():
@@ -62,8 +62,8 @@ def base_view(model: nn.Module, hide: Iterable[str] = (), hide_norm_stats: bool 
             params, buffers = _added_tensors(m)
             prefix = f"{mod_name}." if mod_name else ""
             params += [n for n in list(m._parameters) if prefix + n in hide and n not in params]
-            if hide_norm_stats and isinstance(m, nn.modules.batchnorm._BatchNorm):
-                buffers += [n for n in _BN_STATS if n in m._buffers and n not in buffers]
+            if norm_buffers and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                buffers += [n for n in norm_buffers if n in m._buffers and n not in buffers]
             for name in params:
                 hidden.append((m._parameters, name, m._parameters.pop(name)))
             for name in buffers:
@@ -81,21 +81,24 @@ def replaced_tensors(plan) -> list[str]:
     return sorted({u.target for u in plan.units if u.mode in ("full", "head")} | set(plan.head))
 
 
-def base_fingerprint(model: nn.Module, plan=None) -> str:
+def base_fingerprint(model: nn.Module, plan=None, *, delta_has_norm_stats: bool = True) -> str:
     """The fingerprint a delta records of its base: ``weights_fingerprint`` over the tensors the
     delta relies on but does not carry.
 
     Excluded: what apply_plan added, tensors the plan replaces in full (they are in the delta),
-    the head, and BatchNorm running statistics (training in train mode moves them; the delta
-    carries them). The same function on the untuned base gives the same value, so the check
-    needs no record from before training.
+    the head, BatchNorm's ``num_batches_tracked`` (no effect on outputs) and, when
+    ``delta_has_norm_stats``, BatchNorm running statistics (the delta carries them). A delta
+    without them runs on the base's statistics, so they are part of its fingerprint. The same
+    function on the untuned base gives the same value, so the check needs no record from before
+    training.
     """
     from sensitune.models import weights_fingerprint
     from sensitune.tuners import applied_plan
 
     plan = plan if plan is not None else applied_plan(model)
     hide = replaced_tensors(plan) if plan is not None else []
-    with base_view(model, hide=hide, hide_norm_stats=True):
+    norm_buffers = _BN_STATS if delta_has_norm_stats else ("num_batches_tracked",)
+    with base_view(model, hide=hide, norm_buffers=norm_buffers):
         return weights_fingerprint(model)
 
 
