@@ -68,11 +68,13 @@ IDENTITY = ("suite", "model", "data_root", "budget", "config", "overrides", "lr_
 
 
 def engine_defaults() -> dict[str, Any]:
-    """The engine's default settings: cells trained under other defaults (an older sensitune) are
-    not the same experiment, so a bench folder made with them is not continued."""
+    """The engine's default settings that change what a run computes (the resume fingerprint's keys):
+    cells trained under other defaults (an older sensitune) are not the same experiment, so a bench
+    folder made with them is not continued; defaults such as ``progress`` or ``device`` do not count."""
     from sensitune.engine.config import TrainConfig
+    from sensitune.engine.trainer import config_fingerprint
 
-    return TrainConfig().to_dict()
+    return config_fingerprint(TrainConfig())
 
 
 @dataclass(frozen=True)
