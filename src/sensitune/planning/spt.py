@@ -152,30 +152,36 @@ def _groups(ctx: Context, sc: dict[str, Tensor], structured: str, rank: int, alp
     return groups
 
 
-def _sampled_floor(groups: list[_Group], entries: float) -> float:
-    """A score about ``entries`` ranks from the top of all groups together, read off a fixed sample."""
+def _score_sample(groups: list[_Group]) -> tuple[torch.Tensor, int]:
+    """A fixed sample of all groups' scores, sorted descending, and the total entry count."""
     n = sum(g.vals.numel() for g in groups)
-    if entries >= n:
-        return -math.inf
     if n <= _SAMPLE:
         sample = torch.cat([g.vals for g in groups])
     else:
         gen = torch.Generator().manual_seed(0)
         sample = torch.cat([g.vals[torch.randint(g.vals.numel(), (max(1, round(_SAMPLE * g.vals.numel() / n)),),
                                                  generator=gen)] for g in groups])
+    return torch.sort(sample, descending=True).values, n
+
+
+def _sampled_floor(sample: torch.Tensor, n: int, entries: float) -> float:
+    """A score about ``entries`` ranks from the top of all ``n`` entries, read off the sorted sample."""
+    if entries >= n:
+        return -math.inf
     k = math.ceil(entries / n * sample.numel())
-    return -math.inf if k >= sample.numel() else float(torch.topk(sample, k + 1).values[-1])
+    return -math.inf if k >= sample.numel() else float(sample[k])
 
 
 def _candidates(groups: list[_Group], target: int) -> None:
     """Candidates deep enough that the bisection's answer lies among them: total(floor) ≥ target.
 
     Starts at CANDIDATES_PER_BUDGET × target entries and quadruples; with everything a
-    candidate this is the full sort.
+    candidate this is the full sort. The sample is drawn and sorted once.
     """
     entries = CANDIDATES_PER_BUDGET * target
+    sample, n = _score_sample(groups) if entries < sum(g.vals.numel() for g in groups) else (None, 0)
     while True:
-        floor = _sampled_floor(groups, entries)
+        floor = -math.inf if sample is None else _sampled_floor(sample, n, entries)
         for g in groups:
             if floor < g.floor:
                 g.set_floor(floor)
