@@ -111,9 +111,9 @@ def test_restart_with_other_settings_or_foreign_folder_is_refused(tmp_path):
     # cells trained under other engine defaults (an older sensitune) are another experiment
     manifest_path = tmp_path / "res" / "bench.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["engine_defaults"]["frozen_bn"] = "train"
+    manifest["engine_defaults"]["norm_stats"] = "batch"
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="engine_defaults: frozen_bn was 'train', now 'eval'"):
+    with pytest.raises(ValueError, match="engine_defaults: norm_stats was 'batch', now 'pretrained'"):
         bench(tmp_path, seeds=[0])
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")

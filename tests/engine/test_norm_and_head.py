@@ -1,4 +1,5 @@
-"""Frozen BatchNorm stays frozen (eval mode, no statistics in the delta); head learning rate and init."""
+"""Norm statistics are a setting of their own (``norm_stats``): by default every BatchNorm layer
+normalises with its pretrained statistics whatever the plan trains; head learning rate and init."""
 from __future__ import annotations
 
 import json
@@ -48,11 +49,35 @@ def test_linear_probe_leaves_every_norm_statistic_bit_identical():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_trained_norm_layers_keep_train_mode_and_frozen_bn_train_restores_the_old_behaviour():
-    before, after, _ = fitted("bitfit")  # bitfit trains every BN bias: every BN layer normalises by batch
+def test_plans_that_train_norm_parameters_keep_every_statistic_by_default():
+    """bitfit trains every BN bias: under the default its layers still normalise with pretrained statistics."""
+    before, after, model = fitted("bitfit")
+    assert any(p.requires_grad for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+               for p in m.parameters(recurse=False))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_norm_stats_batch_and_the_legacy_rule_move_statistics():
+    before, after, _ = fitted("linear", norm_stats="batch")  # batch statistics everywhere
     assert all(not torch.equal(before[k], after[k]) for k in before)
-    before, after, _ = fitted("linear", frozen_bn="train")
+    before, after, _ = fitted("bitfit", norm_stats="pretrained-if-frozen")  # 0.1: a trained layer trains
     assert all(not torch.equal(before[k], after[k]) for k in before)
+    before, after, _ = fitted("linear", norm_stats="pretrained-if-frozen")  # ... a frozen one does not
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_sparse_pick_in_a_norm_vector_no_longer_switches_it_to_batch_statistics():
+    """The defect of 0.1: one trained entry in a BN weight made the layer use batch statistics."""
+    model = bn_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bns[1].register_parameter("weight_delta", torch.nn.Parameter(torch.zeros(2)))
+    for p in model.get_classifier().parameters():
+        p.requires_grad_(True)
+    before = norm_stats(model)
+    fit(model, TinyTask(32), cfg(), log=lambda s: None)
+    assert all(torch.equal(before[k], v) for k, v in norm_stats(model).items())
 
 
 def test_frozen_norm_layers_are_those_without_a_trained_own_parameter():
@@ -103,7 +128,10 @@ def test_delta_carries_norm_statistics_only_when_training_moved_them(task, tmp_p
     train("test_efficientnet", task, "linear", tmp_path / "linear", log=lambda s: None, **FAST)
     assert "norm_stats" not in _parts(tmp_path / "linear")
     train("test_efficientnet", task, "bitfit", tmp_path / "bitfit", log=lambda s: None, **FAST)
-    assert "norm_stats" in _parts(tmp_path / "bitfit")
+    assert "norm_stats" not in _parts(tmp_path / "bitfit")
+    train("test_efficientnet", task, "bitfit", tmp_path / "bitfit-batch", norm_stats="batch", log=lambda s: None,
+          **FAST)
+    assert "norm_stats" in _parts(tmp_path / "bitfit-batch")
 
 
 def test_zero_head_init(task, tmp_path):
@@ -119,8 +147,16 @@ def test_zero_head_init(task, tmp_path):
 
 
 def test_config_checks_new_keys():
-    with pytest.raises(ValueError, match="frozen_bn"):
+    with pytest.raises(ValueError, match=r"norm_stats='off' is invalid: choose one of \('pretrained', 'batch'"):
+        build_config(overrides={"norm_stats": "off"})
+    with pytest.raises(ValueError, match="frozen_bn='off' is invalid.*replaced by norm_stats"):
         build_config(overrides={"frozen_bn": "off"})
+    with pytest.warns(DeprecationWarning, match="frozen_bn is replaced by norm_stats"):
+        assert build_config(overrides={"frozen_bn": "eval"}).norm_stats == "pretrained-if-frozen"
+    with pytest.warns(DeprecationWarning):
+        assert build_config(config={"frozen_bn": "train"}).norm_stats == "batch"
+    with pytest.raises(ValueError, match="contradict"):
+        build_config(overrides={"frozen_bn": "train", "norm_stats": "pretrained"})
     with pytest.raises(ValueError, match="head_init"):
         build_config(overrides={"head_init": "xavier"})
     with pytest.raises(ValueError, match="head_lr"):
@@ -142,8 +178,9 @@ def _half_trained_bn_model() -> torch.nn.Module:
     return model
 
 
-def test_resume_keeps_frozen_norms_frozen_and_matches_an_uninterrupted_run(tmp_path):
-    c = cfg(epochs=2, batch_size=8, eval_every=0, checkpoint_every=3)
+@pytest.mark.parametrize("mode", ["pretrained", "pretrained-if-frozen"])
+def test_resume_keeps_norm_statistics_as_the_mode_says_and_matches_an_uninterrupted_run(tmp_path, mode):
+    c = cfg(epochs=2, batch_size=8, eval_every=0, checkpoint_every=3, norm_stats=mode)
     ref = _half_trained_bn_model()
     start = norm_stats(ref)
     fit(ref, TinyTask(32), c, log=lambda s: None)
@@ -154,8 +191,11 @@ def test_resume_keeps_frozen_norms_frozen_and_matches_an_uninterrupted_run(tmp_p
     fit(resumed, TinyTask(32), c, out_dir=tmp_path, resume=True, log=lambda s: None)
     end_ref, end = norm_stats(ref), norm_stats(resumed)
     assert all(torch.equal(end_ref[k], end[k]) for k in end)
-    frozen = {n for n, m in ref.named_modules() if m in frozen_norm_layers(ref)}
-    assert frozen and all(torch.equal(start[k], end[k]) == (k.rsplit(".", 1)[0] in frozen) for k in end)
+    if mode == "pretrained":
+        assert all(torch.equal(start[k], end[k]) for k in end)
+    else:  # the 0.1 rule: only the layers none of whose parameters trains keep their statistics
+        frozen = {n for n, m in ref.named_modules() if m in frozen_norm_layers(ref)}
+        assert frozen and all(torch.equal(start[k], end[k]) == (k.rsplit(".", 1)[0] in frozen) for k in end)
 
 
 def test_zero_head_comes_after_scoring_and_spares_a_quantised_head(task, tmp_path):
@@ -179,3 +219,26 @@ def test_zero_head_init_spares_a_head_the_plan_freezes(task, tmp_path):
     assert any("plan does not train the head" in n for n in notes)
     classes = len(json.loads((tmp_path / "frozen-head" / "delta" / "delta.json").read_text())["class_names"])
     assert abs(res["train_loss"] - math.log(classes)) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["spt-lora", "bitfit"])
+def test_default_spt_lora_and_bitfit_on_lite0_keep_every_running_statistic_and_store_none(task, tmp_path, method):
+    """The issue's case: on real EfficientNet-Lite0 these plans train BatchNorm parameters (SPT picks BN
+    entries, BitFit every BN bias), yet every running statistic stays pretrained and the delta holds none."""
+    from sensitune.models import create_backbone
+
+    run = tmp_path / method
+    train("efficientnet_lite0", task, method, run, score_batches=1, score_batch_size=8, log=lambda s: None,
+          **{**FAST, "pretrained": "auto", "lr": 1e-2})
+    plan = json.loads((run / "plan.json").read_text())
+    bn_names = {n for n, m in create_backbone("efficientnet_lite0", 3).named_modules()
+                if isinstance(m, torch.nn.BatchNorm2d)}
+    trained_bn = {u["target"] for u in plan["units"] if {u["target"], u["target"].rsplit(".", 1)[0]} & bn_names}
+    assert len(trained_bn) >= 5, "the plan must train BatchNorm parameters for this test to mean anything"
+    assert "norm_stats" not in _parts(run)
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    base = {k: v for k, v in create_backbone("efficientnet_lite0", 3).state_dict().items()
+            if k.endswith(("running_mean", "running_var"))}
+    stats = {k: v for k, v in ckpt.items() if k in base}
+    assert len(stats) == len(base) or not stats  # either the checkpoint stores them all, or none
+    assert all(torch.equal(base[k], v) for k, v in stats.items())

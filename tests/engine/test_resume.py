@@ -61,19 +61,28 @@ def test_resume_refuses_changed_settings(tmp_path):
 
 
 def test_a_checkpoint_from_before_new_settings_resumes_under_their_legacy_values(tmp_path):
-    """Keys added later (frozen_bn, head_init, head_lr) are read as the behaviour old runs had."""
+    """Keys added later (norm_stats, head_init, head_lr) are read as the behaviour old runs had:
+    no norm setting at all = batch statistics; 0.1's ``frozen_bn: eval`` = pretrained-if-frozen."""
     from sensitune.engine.checkpoint import save_checkpoint
 
     fit(tiny_vit(), TinyTask(16), _cfg(epochs=1), out_dir=tmp_path, log=lambda s: None)
     path = tmp_path / "checkpoints" / "last.pt"
     old = load_checkpoint(path)
-    for key in ("frozen_bn", "head_init", "head_lr"):
+    for key in ("norm_stats", "head_init", "head_lr"):
         del old["config"][key]
     save_checkpoint(path, **{k: v for k, v in old.items() if k != "format"})
-    with pytest.raises(ValueError, match=r"frozen_bn: was 'train', now 'eval'.*--set frozen_bn=train"):
+    with pytest.raises(ValueError, match=r"norm_stats: was 'batch', now 'pretrained'.*--set norm_stats=batch"):
         fit(tiny_vit(), TinyTask(16), _cfg(epochs=1), out_dir=tmp_path, resume=True, log=lambda s: None)
-    r = fit(tiny_vit(), TinyTask(16), _cfg(epochs=1, frozen_bn="train", head_init="default"), out_dir=tmp_path,
+    r = fit(tiny_vit(), TinyTask(16), _cfg(epochs=1, norm_stats="batch", head_init="default"), out_dir=tmp_path,
             resume=True, log=lambda s: None)
+    assert r.resumed_from is not None
+    old["config"]["frozen_bn"] = "eval"  # as sensitune 0.1 wrote it
+    save_checkpoint(path, **{k: v for k, v in old.items() if k != "format"})
+    with pytest.raises(ValueError, match=r"norm_stats: was 'pretrained-if-frozen', now 'pretrained'"):
+        fit(tiny_vit(), TinyTask(16), _cfg(epochs=1, head_init="default"), out_dir=tmp_path, resume=True,
+            log=lambda s: None)
+    r = fit(tiny_vit(), TinyTask(16), _cfg(epochs=1, norm_stats="pretrained-if-frozen", head_init="default"),
+            out_dir=tmp_path, resume=True, log=lambda s: None)
     assert r.resumed_from is not None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,7 +20,13 @@ import yaml
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PROTOCOLS = ("val", "final")
-FROZEN_BN = ("eval", "train")
+#: how norm layers with running statistics (BatchNorm) normalise while training: "pretrained"
+#: (their pretrained statistics, never updated), "batch" (batch statistics, running statistics
+#: updated: the reference codes), "pretrained-if-frozen" (sensitune 0.1: pretrained only for a
+#: layer none of whose parameters trains; kept so runs made under it resume under it)
+NORM_STATS = ("pretrained", "batch", "pretrained-if-frozen")
+#: the setting ``norm_stats`` replaced, and what each of its values meant
+LEGACY_FROZEN_BN = {"eval": "pretrained-if-frozen", "train": "batch"}
 HEAD_INITS = ("zero", "default")
 
 
@@ -44,12 +51,14 @@ class TrainConfig:
     # and the backbone's first gradients are not driven by a random head (as BiT does);
     # "default": the model library's own initialisation (timm), as the papers' recipes
     head_init: str = "zero"
-    # BatchNorm (any norm layer with running statistics) whose affine parameters the plan
-    # leaves frozen: "eval" keeps its pretrained statistics during training (a frozen layer
-    # stays frozen, so a linear probe is a true probe and the delta need not carry statistics);
-    # "train" lets batch statistics normalise and move the running statistics (the old
-    # behaviour). Norm layers the plan trains (full, bitfit, sparse entries) always train.
-    frozen_bn: str = "eval"
+    # Norm layers with running statistics (BatchNorm), independent of what the plan trains:
+    # "pretrained" keeps every such layer in eval mode during training — it normalises with its
+    # pretrained statistics and never updates them, whether its affine parameters train whole,
+    # as sparse entries or not at all — so the statistics a trained model meets at evaluation are
+    # the ones it trained with, and a delta needs no statistics; "batch" normalises with the
+    # statistics of each batch and moves the running statistics (the papers' reference codes).
+    # Scoring uses the same mode. (``NORM_STATS`` lists a third value kept for old runs.)
+    norm_stats: str = "pretrained"
     label_smoothing: float = 0.0
     drop_path: float = 0.0
     augment: str | None = None  # passed to sensitune.data.build_transform (None = no augmentation)
@@ -106,7 +115,7 @@ class TrainConfig:
         need(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
         need(self.precision in PRECISIONS, "precision", f"choose one of {PRECISIONS}")
         need(self.protocol in PROTOCOLS, "protocol", f"choose one of {PROTOCOLS}")
-        need(self.frozen_bn in FROZEN_BN, "frozen_bn", f"choose one of {FROZEN_BN}")
+        need(self.norm_stats in NORM_STATS, "norm_stats", f"choose one of {NORM_STATS}")
         need(self.head_init in HEAD_INITS, "head_init", f"choose one of {HEAD_INITS}")
         need(self.head_lr is None or (self.head_lr > 0 and math.isfinite(self.head_lr)), "head_lr",
              "must be a positive number or null")
@@ -173,6 +182,24 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
+def _translate_legacy_keys(values: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    """``frozen_bn`` (sensitune 0.1) becomes the ``norm_stats`` value with the same behaviour."""
+    if "frozen_bn" not in values:
+        return values
+    values = dict(values)
+    old = values.pop("frozen_bn")
+    if old not in LEGACY_FROZEN_BN:
+        raise ValueError(f"{source}: frozen_bn={old!r} is invalid (frozen_bn is replaced by norm_stats: "
+                         f"choose one of {NORM_STATS})")
+    if "norm_stats" in values and values["norm_stats"] != LEGACY_FROZEN_BN[old]:
+        raise ValueError(f"{source}: frozen_bn={old!r} and norm_stats={values['norm_stats']!r} contradict "
+                         f"each other; drop frozen_bn (replaced by norm_stats)")
+    warnings.warn(f"{source}: frozen_bn is replaced by norm_stats; frozen_bn={old!r} is read as "
+                  f"norm_stats={LEGACY_FROZEN_BN[old]!r}", DeprecationWarning, stacklevel=3)
+    values["norm_stats"] = LEGACY_FROZEN_BN[old]
+    return values
+
+
 def check_keys(values: Mapping[str, Any], source: str) -> None:
     """Refuse keys that are not settings, suggesting the closest real one."""
     for key in values:
@@ -218,6 +245,7 @@ def build_config(
         layers.append((f"config file {config}", read_config_file(config)))
     layers.append(("overrides", {k: v for k, v in (overrides or {}).items() if v is not None}))
     for source, layer in layers:
+        layer = _translate_legacy_keys(layer, source)
         check_keys(layer, source)
         for key, value in layer.items():
             value = _coerce(key, value, source)

@@ -38,6 +38,8 @@ from sensitune.methods import Method, get_method
 RUN_FORMAT = "sensitune-run/1"
 #: what must be equal for --resume to continue a run
 IDENTITY_KEYS = ("model", "task", "method", "budget")
+#: scorers that run the model forward in training mode and take a ``batchnorm`` mode
+GRADIENT_SCORERS = ("sensitivity", "gps")
 
 
 # -- run folder ------------------------------------------------------------------------------------
@@ -281,6 +283,8 @@ def train(
             log(f"scores: reusing {scores_path}")
         else:
             opts = {**m.score_options, "seed": cfg.seed, "progress": cfg.progress and info.is_main}
+            if m.scorer in GRADIENT_SCORERS:  # scoring normalises as training will
+                opts.setdefault("batchnorm", "train" if cfg.norm_stats == "batch" else "eval")
             if cfg.score_batches is not None:
                 opts["batches"] = cfg.score_batches
             if cfg.score_batch_size is not None:
@@ -328,8 +332,9 @@ def train(
     norm_before = _norm_buffers(net)
     fitted = fit(net, train_data, cfg, out_dir=out, eval_data=eval_data, resume=resuming,
                  no_decay=_no_decay_from_plan(roles), head=lambda name, p: roles.get(name) == "head", log=log)
-    # the delta carries norm statistics only when training moved them (the base holds them otherwise);
-    # a resumed run compares the checkpoint's statistics with the pretrained ones it rebuilt
+    # the delta carries norm statistics only when training moved them (only under norm_stats
+    # batch / pretrained-if-frozen; the base holds them otherwise); a resumed run compares the
+    # checkpoint's statistics with the pretrained ones it rebuilt
     norm_after = _norm_buffers(net)
     norm_moved = any(not torch.equal(norm_before[k], v.to(norm_before[k].device)) for k, v in norm_after.items())
     stage_seconds["train"] = time.perf_counter() - t

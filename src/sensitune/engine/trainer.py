@@ -47,7 +47,7 @@ from sensitune.engine.checkpoint import (
     set_rng_state,
     trainable_state,
 )
-from sensitune.engine.config import TrainConfig
+from sensitune.engine.config import LEGACY_FROZEN_BN, NORM_STATS, TrainConfig
 from sensitune.engine.evaluation import autocast_context, evaluate_model, logits_of
 
 #: settings that may change between a run and its resumption (they do not change the math)
@@ -202,15 +202,30 @@ def param_groups(model: nn.Module, weight_decay: float,
     return groups
 
 
+def stat_norm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every norm layer that keeps running statistics (BatchNorm and the like)."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
 def frozen_norm_layers(model: nn.Module) -> list[nn.Module]:
     """Norm layers with running statistics none of whose own parameters train.
 
-    "Own" includes what apply_plan registers on the layer (a sparse ``weight_delta``), so a
-    norm layer the plan tunes in any way is not frozen.
+    "Own" includes what apply_plan registers on the layer (a sparse ``weight_delta``). This is
+    the set ``norm_stats: pretrained-if-frozen`` (sensitune 0.1's rule) keeps in eval mode.
     """
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-            and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    return [m for m in stat_norm_layers(model) if not any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def pretrained_stat_layers(model: nn.Module, norm_stats: str) -> list[nn.Module]:
+    """The norm layers that normalise with their pretrained statistics during training under ``norm_stats``."""
+    if norm_stats == "pretrained":
+        return stat_norm_layers(model)
+    if norm_stats == "pretrained-if-frozen":
+        return frozen_norm_layers(model)
+    if norm_stats == "batch":
+        return []
+    raise ValueError(f"norm_stats={norm_stats!r} is invalid: choose one of {NORM_STATS}")
 
 
 def set_train_mode(net: nn.Module, frozen_norms: list[nn.Module]) -> None:
@@ -249,7 +264,18 @@ def schedule_lr(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
 # -- bookkeeping -------------------------------------------------------------------------------
 #: settings added after the first checkpoints were written, with the value that reproduces how
 #: those runs trained: an old checkpoint lacking the key resumes under that value
-LEGACY_DEFAULTS: dict[str, Any] = {"frozen_bn": "train", "head_init": "default", "head_lr": None}
+LEGACY_DEFAULTS: dict[str, Any] = {"head_init": "default", "head_lr": None}
+
+
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings in today's keys: a missing key gets the value its run trained
+    under (``LEGACY_DEFAULTS``); ``frozen_bn`` (0.1) becomes the ``norm_stats`` it meant, and a
+    checkpoint older than both trained every norm layer on batch statistics."""
+    out = {**LEGACY_DEFAULTS, **saved}
+    if "norm_stats" not in out:
+        out["norm_stats"] = LEGACY_FROZEN_BN[out.pop("frozen_bn", "train")]
+    out.pop("frozen_bn", None)
+    return out
 
 
 def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
@@ -311,8 +337,8 @@ def fit(
     ``cfg.checkpoint_every`` steps) and ``metrics.csv``; ``resume=True`` continues from that
     checkpoint. Raises :class:`NonFiniteLossError` on a NaN/inf loss, leaving the last good
     checkpoint in place. ``head(name, param)`` names the classification head's tensors, which
-    train at ``cfg.head_lr`` when it is set. With ``cfg.frozen_bn == "eval"`` every norm layer
-    whose parameters are all frozen (:func:`frozen_norm_layers`) stays in eval mode throughout.
+    train at ``cfg.head_lr`` when it is set. ``cfg.norm_stats`` decides which norm layers stay in
+    eval mode throughout (:func:`pretrained_stat_layers`; by default all of them).
     """
     cfg.validate()
     info = distributed(cfg.device)
@@ -336,7 +362,7 @@ def fit(
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, no_decay, head, cfg.head_lr), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.eps)
-    frozen_norms = frozen_norm_layers(model) if cfg.frozen_bn == "eval" else []
+    frozen_norms = pretrained_stat_layers(model, cfg.norm_stats)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=cfg.label_smoothing)
@@ -348,7 +374,8 @@ def fit(
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         saved = ckpt["config"]
-        was = {k: saved.get(k, LEGACY_DEFAULTS.get(k)) for k in config_fingerprint(cfg)}
+        saved = saved_settings(saved)
+        was = {k: saved.get(k) for k in config_fingerprint(cfg)}
         diff = {k: (was[k], v) for k, v in config_fingerprint(cfg).items() if was[k] != v}
         if diff:
             raise ValueError(f"cannot resume {ckpt_path}: settings differ from the interrupted run "
