@@ -1,0 +1,59 @@
+"""Deltas and plan files written by sensitune 0.1.0 still load, bit for bit.
+
+The fixtures in ``fixtures/v0_1`` were written by the v0.1 code (``make_fixtures.py`` beside
+them, never to be rerun with newer code): each case's logits on fixed inputs must come out
+exactly equal, every stored float tensor must land unchanged in the model, and plan files must
+give the same units and indices.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sensitune.artifacts import load_delta, read_delta, save_delta
+from sensitune.planning import Plan
+
+from .fixtures.v0_1 import make_fixtures as fx
+
+HERE = Path(__file__).resolve().parent / "fixtures" / "v0_1"
+OUTPUTS = load_file(str(HERE / "outputs.safetensors"))
+
+
+@pytest.mark.parametrize("case", sorted(fx.CASES))
+def test_v0_1_delta_loads_bit_identically(case, tmp_path):
+    model = load_delta(fx.base(fx.CASES[case][0]), HERE / case).eval()
+    with torch.no_grad():
+        got = model(OUTPUTS["inputs"])
+    assert torch.equal(got, OUTPUTS[case]), (got - OUTPUTS[case]).abs().max()
+    # every float tensor stored under a parameter's own name is that parameter, unchanged
+    raw = load_file(str(HERE / case / "delta.safetensors"))
+    params = dict(model.named_parameters())
+    floats = [k for k in raw if k in params]
+    assert floats or case.endswith("1bit") or "adaptformer" in case
+    for k in floats:
+        assert torch.equal(params[k].detach(), raw[k]), k
+    # saved again by today's code and reloaded: still the same logits
+    save_delta(model, tmp_path / "again")
+    again = load_delta(fx.base(fx.CASES[case][0]), tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.equal(again(OUTPUTS["inputs"]), OUTPUTS[case])
+
+
+@pytest.mark.parametrize("case", fx.PLAN_FILES)
+def test_v0_1_plan_files_load(case):
+    plan = Plan.load(HERE / "plans" / f"{case}.json")
+    old = json.loads((HERE / "plans" / f"{case}.json").read_text())
+    assert plan.method == old["method"] and len(plan.units) == len(old["units"])
+    assert plan.num_trainable(True) == old["trainable"]["with_head"]
+    stored = load_file(str(HERE / "plans" / f"{case}.safetensors")) if "indices" in old else {}
+    for i, (u, d) in enumerate(zip(plan.units, old["units"])):
+        assert (u.target, u.mode, list(u.shape)) == (d["target"], d["mode"], d["shape"])
+        if u.mode == "sparse":
+            assert torch.equal(u.indices, stored[f"{i}:{u.target}"].to(torch.int64))
+    # the same plan as the one inside the delta of that case
+    delta_plan = read_delta(HERE / case).plan
+    assert [(u.target, u.mode, u.shape) for u in plan.units] == [(u.target, u.mode, u.shape) for u in delta_plan.units]
