@@ -61,3 +61,20 @@ def test_hugging_face_style_outputs_and_empty_data():
     assert evaluate_model(HF(), data, device="cpu")["accuracy"] == 100.0
     with pytest.raises(ValueError, match="empty"):
         evaluate_model(HF(), TensorDataset(torch.zeros(0, 1, 1, 1), torch.zeros(0, dtype=torch.long)), device="cpu")
+
+
+def test_predictions_file_matches_the_confusion_matrix(tmp_path):
+    from engine_helpers import TinyTask
+    from sensitune.engine.evaluation import evaluate_model, read_predictions
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
+    res = evaluate_model(model, TinyTask(12), batch_size=5, out=tmp_path, prefix="eval_x_")
+    labels, preds = read_predictions(tmp_path / "eval_x_predictions.csv")
+    assert labels == [int(TinyTask(12)[i][1]) for i in range(12)]
+    cm = [[0] * 3 for _ in range(3)]
+    for y, p in zip(labels, preds):
+        cm[y][p] += 1
+    assert cm == res["confusion_matrix"]
+    assert res["accuracy"] == pytest.approx(100 * sum(y == p for y, p in zip(labels, preds)) / 12)

@@ -196,3 +196,33 @@ def test_tensorboard_is_optional(tmp_path):
         assert any("tensorboard: not installed" in n for n in notes)
     else:
         assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_divergence_rule_on_hand_made_histories():
+    from sensitune.engine.trainer import divergence
+
+    assert divergence([{"train_loss": 1.0, "start_loss": 1.1}, {"train_loss": 0.5}]) is None
+    assert "above where it started (1.1)" in divergence([{"train_loss": 1.0, "start_loss": 1.1},
+                                                         {"train_loss": 1.2}])
+    assert "nan" in divergence([{"train_loss": 1.0, "start_loss": 1.1}, {"train_loss": float("nan")}])
+    assert divergence([{"train_loss": 2.0}, {"train_loss": 2.5}]) is not None  # no start_loss: first epoch's mean
+
+
+def test_fit_records_the_loss_before_any_update_and_a_too_large_lr_is_flagged(tmp_path):
+    """The first batch's loss with a zero head is ln C exactly; lr 5 on a small model ends far above it."""
+    import math
+
+    from engine_helpers import TinyTask, tiny_vit
+    from sensitune.engine.config import build_config
+    from sensitune.engine.trainer import divergence, fit
+
+    model = tiny_vit()
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    cfg = build_config(overrides=dict(epochs=2, batch_size=8, lr=1e-3, warmup_epochs=0, progress=False))
+    r = fit(model, TinyTask(32), cfg, log=lambda s: None)
+    assert r.history[0]["start_loss"] == pytest.approx(math.log(3), abs=1e-6)
+    assert "start_loss" not in r.history[1] and divergence(r.history) is None
+    bad = fit(tiny_vit(), TinyTask(32), build_config(overrides=dict(
+        epochs=3, batch_size=8, lr=5.0, warmup_epochs=0, progress=False)), log=lambda s: None)
+    assert divergence(bad.history) is not None

@@ -57,7 +57,9 @@ def evaluate_model(
 
     Returns ``accuracy`` (top-1, percent), ``loss`` (mean cross-entropy), ``num_samples``,
     ``per_class_accuracy`` (class name -> percent, None for a class without samples) and the
-    ``confusion_matrix``. With ``out``, writes ``{prefix}confusion.csv`` and ``{prefix}confusion.png``.
+    ``confusion_matrix``. With ``out``, writes ``{prefix}confusion.csv``, ``{prefix}confusion.png``
+    and ``{prefix}predictions.csv`` (index, label, prediction per sample, in dataset order: what a
+    paired comparison or a bootstrap of the evaluation images needs).
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -105,7 +107,20 @@ def evaluate_model(
     }
     if out is not None:
         write_confusion(cm, names, Path(out), prefix)
+        write_predictions(labels, preds, Path(out) / f"{prefix}predictions.csv")
     return result
+
+
+def write_predictions(labels: torch.Tensor, preds: torch.Tensor, path: Path) -> None:
+    rows = "".join(f"{i},{y},{p}\n" for i, (y, p) in enumerate(zip(labels.tolist(), preds.tolist())))
+    atomic_write_text(path, "index,label,prediction\n" + rows)
+
+
+def read_predictions(path: str | Path) -> tuple[list[int], list[int]]:
+    """(labels, predictions) of a ``predictions.csv`` written by :func:`evaluate_model`."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [int(r["label"]) for r in rows], [int(r["prediction"]) for r in rows]
 
 
 def write_confusion(cm: torch.Tensor, names: Sequence[str], out: Path, prefix: str = "") -> None:

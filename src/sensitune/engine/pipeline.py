@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from sensitune.engine.checkpoint import atomic_write_text, load_checkpoint, load_trainable_state
 from sensitune.engine.config import TrainConfig, build_config
 from sensitune.engine.evaluation import evaluate_model
-from sensitune.engine.trainer import distributed, fit, peak_memory_mb, resolve_device
+from sensitune.engine.trainer import distributed, divergence, fit, peak_memory_mb, resolve_device
 from sensitune.methods import Method, get_method
 
 RUN_FORMAT = "sensitune-run/1"
@@ -352,6 +352,9 @@ def train(
                                        "base_fingerprint": base_fingerprint}, norm_moved)
         stage_seconds["save"] = time.perf_counter() - t
         last = fitted.history[-1]
+        diverged = divergence(fitted.history)
+        if diverged:
+            log(f"WARNING: this run diverged ({diverged}); its accuracy is not a result")
         results = {
             "format": "sensitune-results/1",
             "status": "complete",
@@ -361,6 +364,8 @@ def train(
             "accuracy": ev["accuracy"], "eval_loss": ev["loss"], "eval_samples": ev["num_samples"],
             "per_class_accuracy": ev["per_class_accuracy"],
             "train_loss": last["train_loss"], "train_accuracy": last["train_acc"],
+            "train_loss_start": fitted.history[0].get("start_loss"), "divergence": diverged,
+            "diverged": diverged is not None,
             "epochs": cfg.epochs, "steps": fitted.global_step, "lr": cfg.lr, "seed": cfg.seed,
             "trainable_params": plan.num_trainable(True),
             "trainable_params_without_head": plan.num_trainable(False),

@@ -317,6 +317,22 @@ class FitResult:
     last_eval: dict[str, Any] | None = field(default=None)
 
 
+def divergence(history: list[dict[str, Any]]) -> str | None:
+    """Why a finished run counts as diverged, or None: its last epoch's training loss is not
+    finite, or ends above where training started (the loss of the first batch, before any
+    update; the first epoch's mean for runs that did not record it). Such a run is a failure
+    to flag, never a result to select."""
+    if not history:
+        return None
+    start = history[0].get("start_loss", history[0]["train_loss"])
+    end = history[-1]["train_loss"]
+    if not math.isfinite(end):
+        return f"training loss is {end}"
+    if end > start:
+        return f"training loss ended at {end:.4g}, above where it started ({start:.4g})"
+    return None
+
+
 # -- the loop ----------------------------------------------------------------------------------
 def fit(
     model: nn.Module,
@@ -454,6 +470,8 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
                 with torch.no_grad():
+                    if global_step == 1:  # the loss before any update: where training started
+                        partial["start_loss"] = loss_sum.item() / labels.numel()
                     partial["loss"] += loss_sum.item()
                     partial["correct"] += (logits.argmax(1) == labels).sum().item()
                     partial["count"] += labels.numel()
@@ -481,6 +499,7 @@ def fit(
                 "epoch": epoch + 1, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
                 "train_loss": loss_e / count_e, "train_acc": 100 * correct_e / count_e, "images": int(count_e),
                 "epoch_seconds": round(partial["seconds"], 3),
+                **({"start_loss": partial["start_loss"]} if "start_loss" in partial else {}),
                 "images_per_s": round(count_e / max(partial["seconds"], 1e-9), 2),
             }
             if eval_data is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
