@@ -53,7 +53,8 @@ class SparseIndex:
         self.per_row = 0
         if n_rows and index.numel() % n_rows == 0 and self.urows.numel() == n_rows:
             k = index.numel() // n_rows
-            if torch.equal(torch.bincount(self.rows, minlength=n_rows), torch.full((n_rows,), k)):
+            # compared on the index's own device (torch.equal refuses a CUDA and a CPU tensor)
+            if bool((torch.bincount(self.rows, minlength=n_rows) == k).all()):
                 self.per_row = k
 
     def to(self, device: torch.device) -> "SparseIndex":
