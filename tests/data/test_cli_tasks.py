@@ -10,7 +10,8 @@ from sensitune.data import MINI_SUITE
 
 def _root(tmp_path: Path, make_vtab, make_image) -> Path:
     root = tmp_path / "vtab"
-    make_vtab(root / "dtd", {"train800": [(1, 0), (2, 3)], "test": [(3, 1)]})
+    make_vtab(root / "dtd", {"train800": [(1, 0), (2, 3), (4, 1), (5, 2)], "test": [(3, 1)]})
+    make_vtab(root / "gappy", {"train800": [(1, 0), (2, 3)], "test": [(3, 1)]})  # labels 1, 2 never trained
     make_image(root / "flowers" / "train" / "rose" / "a.jpg")
     make_image(root / "flowers" / "test" / "tulip" / "b.jpg")
     (root / "cub").mkdir()
@@ -29,7 +30,9 @@ def test_table_lists_builtin_and_found_tasks(tmp_path, capsys, make_vtab, make_i
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     for name, group in MINI_SUITE:
         assert "built-in" in lines[name] and group in lines[name]
-    assert lines["dtd"].split()[1:5] == ["found", "natural", "vtab1k", "4"] and "train800=2 test=1" in lines["dtd"]
+    assert lines["dtd"].split()[1:5] == ["found", "natural", "vtab1k", "4"] and "train800=4 test=1" in lines["dtd"]
+    assert "ERROR" in lines["gappy"] and "labels 1-2 have no training image" in lines["gappy"]
+    assert len(lines["gappy"].splitlines()) == 1
     assert lines["flowers"].split()[3:5] == ["folder", "2"] and "train=1 test=1" in lines["flowers"]
     assert lines["cub"].split()[3:5] == ["fgvc", "2"] and "test=2" in lines["cub"]
     assert "ERROR" in lines["broken"] and "test.txt:1" in lines["broken"]
@@ -40,8 +43,9 @@ def test_json_output(tmp_path, capsys, make_vtab, make_image):
     root = _root(tmp_path, make_vtab, make_image)
     assert main(["tasks", "--data-root", str(root), "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out) if not r["builtin"]}
-    assert rows["dtd"]["sizes"] == {"train800": 2, "test": 1} and rows["dtd"]["classes"] == 4
-    assert set(rows) == {"dtd", "flowers", "cub", "broken"}
+    assert rows["dtd"]["sizes"] == {"train800": 4, "test": 1} and rows["dtd"]["classes"] == 4
+    assert set(rows) == {"dtd", "gappy", "flowers", "cub", "broken"}
+    assert "train800.txt has labels 0, 3 (2 distinct)" in rows["gappy"]["error"]
 
 
 def test_missing_data_root_is_a_user_error(tmp_path, capsys):

@@ -31,9 +31,10 @@ def _pixels(ds) -> list[np.ndarray]:
 
 
 def test_suite_covers_the_three_vtab_groups():
+    # holds under any SENSITUNE_CACHE: where the suite is built is test_cache_dir_follows_env's business
     assert len(MINI_SUITE) >= 6
     assert {g for _, g in MINI_SUITE} == {"natural", "specialized", "structured"}
-    assert str(cache_dir()).endswith("sensitune")
+    assert MINI_SUITE == [(t.name, t.group) for t in TASKS.values()]
 
 
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
@@ -131,14 +132,17 @@ def test_loc_label_is_grid_cell_of_the_white_ring(suite):
 
 def test_ori_label_is_heading_bin_of_the_white_arrow(suite):
     ds = open_task("shapes_ori", "val200", verify=False)
-    hits = 0
+    clear = 0
     for a, label in zip(_pixels(ds), ds.targets):
         ys, xs = np.nonzero(_white(a))
         cy, cx = ys.mean(), xs.mean()
         far = np.argmax((ys - cy) ** 2 + (xs - cx) ** 2)  # the tip: farthest from the centroid
         heading = math.degrees(math.atan2(-(ys[far] - cy), xs[far] - cx)) % 360
-        hits += int(heading // 45) == label
-    assert hits >= 0.85 * len(ds)  # pixel rounding near bin edges moves a few
+        if min(heading % 45, 45 - heading % 45) < 2:
+            continue  # within 2 degrees of a bin edge: pixel rounding may read either bin
+        clear += 1
+        assert int(heading // 45) == label, (heading, label)
+    assert clear >= 0.85 * len(ds)  # 181 of 200 at seed 0
 
 
 def test_count_label_is_number_of_objects(suite):

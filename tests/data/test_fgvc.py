@@ -14,7 +14,7 @@ def cub(tmp_path: Path, make_image) -> Path:
     root = tmp_path / "CUB_200_2011"
     # CUB-style 1-based class ids, images under images/<class folder>/
     splits = {
-        "train": {"001.A/a1.jpg": 1, "002.B/b1.jpg": 2},
+        "train": {"001.A/a1.jpg": 1, "002.B/b1.jpg": 2, "003.C/c0.jpg": 3},
         "val": {"001.A/a2.jpg": 1},
         "test": {"003.C/c1.jpg": 3, "002.B/b2.jpg": 2},
     }
@@ -29,16 +29,17 @@ def test_reads_json_remaps_ids_and_finds_image_root(cub: Path):
     ds = open_task(cub, "train")
     assert ds.num_classes == 3 and ds.class_names == ["1", "2", "3"]
     assert [(p.relative_to(cub).as_posix(), y) for p, y in ds.samples] == [("images/001.A/a1.jpg", 0),
-                                                                           ("images/002.B/b1.jpg", 1)]
+                                                                           ("images/002.B/b1.jpg", 1),
+                                                                           ("images/003.C/c0.jpg", 2)]
     image, label = ds[0]
     assert image.mode == "RGB" and label == 0
 
 
 def test_trainval_is_train_plus_val_and_aliases(cub: Path):
     tv = open_task(cub, "trainval")
-    assert len(tv) == 3 and tv.split == "trainval"
-    assert [y for _, y in tv.samples] == [0, 1, 0]
-    assert len(open_task(cub, "train800val200")) == 3
+    assert len(tv) == 4 and tv.split == "trainval"
+    assert [y for _, y in tv.samples] == [0, 1, 2, 0]
+    assert len(open_task(cub, "train800val200")) == 4
     assert open_task(cub, "test").num_classes == open_task(cub, "val").num_classes == 3
 
 
@@ -78,6 +79,31 @@ def test_escape_and_missing_image(cub: Path):
 
 def test_classes_txt_takes_ids_as_labels(cub: Path):
     (cub / "classes.txt").write_text("a\nb\nc\n")  # ids 1..3 are now labels; 3 is out of range
+    (cub / "train.json").write_text(json.dumps({"001.A/a1.jpg": 1, "002.B/b1.jpg": 2}))
     assert [y for _, y in open_task(cub, "train").samples] == [1, 2]
     with pytest.raises(TaskDataError, match=r"test\.json \[003\.C/c1\.jpg\]: label 3 is out of range"):
         open_task(cub, "test")
+
+
+def test_a_class_id_missing_from_train_is_refused(cub: Path):
+    """Without classes.txt a class no training image has would be silently added to the head."""
+    (cub / "train.json").write_text(json.dumps({"001.A/a1.jpg": 1, "002.B/b1.jpg": 2}))
+    with pytest.raises(TaskDataError) as err:
+        open_task(cub, "train")
+    msg = str(err.value)
+    assert "train.json: without classes.txt every class id must occur in train.json; it has ids 1-2" in msg
+    assert "the other splits also use 3" in msg and "test.json [003.C/c1.jpg]: class id 3 does not occur" in msg
+    (cub / "classes.txt").write_text("a\nb\nc\nd\n")
+    assert open_task(cub, "test").num_classes == 4
+
+
+def test_every_bad_entry_is_reported_together_and_an_empty_split_refused(cub: Path):
+    (cub / "val.json").write_text(json.dumps({"001.A/a2.jpg": "one", "001.A/zz.jpg": 1, "../x.jpg": 2}))
+    with pytest.raises(TaskDataError) as err:
+        open_task(cub, "val")
+    assert [str(p.line) for p in err.value.problems] == ["001.A/a2.jpg", "001.A/zz.jpg", "../x.jpg"] or \
+        sorted(str(p.line) for p in err.value.problems) == ["../x.jpg", "001.A/a2.jpg", "001.A/zz.jpg"]
+    assert str(err.value).startswith("3 problems in split val of task CUB_200_2011:")
+    (cub / "val.json").write_text("{}")
+    with pytest.raises(TaskDataError, match=r"split 'val' holds no images: the split is empty"):
+        open_task(cub, "val")

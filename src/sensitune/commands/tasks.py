@@ -20,6 +20,15 @@ def _fmt_sizes(sizes: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in sizes.items())
 
 
+def _one_line(error: str) -> str:
+    """The first problem of a (possibly multi-problem) data error, and how many more there are."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else error
+    more = len(lines) - 2
+    return lines[1] + (f" (+{more} more: open the task for all)" if more else "")
+
+
 def run(args: argparse.Namespace) -> int:
     from sensitune.data import list_tasks, materialize
     from sensitune.data.embedded import TASKS
@@ -36,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         where = r["where"] + ("" if not r["builtin"] or r.get("built") else "  (built on first use)")
         if "error" in r:
-            table.append((r["name"], "built-in" if r["builtin"] else "found", r.get("group") or "-", r.get("layout", "?"), "?", f"ERROR: {r['error']}", where))
+            table.append((r["name"], "built-in" if r["builtin"] else "found", r.get("group") or "-",
+                          r.get("layout", "?"), "?", f"ERROR: {_one_line(r['error'])}", where))
         else:
             table.append((r["name"], "built-in" if r["builtin"] else "found", r.get("group") or "-", r["layout"], str(r["classes"]), _fmt_sizes(r["sizes"]), where))
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]

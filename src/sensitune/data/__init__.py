@@ -4,7 +4,8 @@
 ``cache_dir()/mini``; see :mod:`sensitune.data.embedded` for the table of tasks) or a task
 folder whose layout is detected: VTAB-1k list files (:mod:`.vtab1k`), FGVC JSON files
 (:mod:`.fgvc`) or class folders (:mod:`.folder`). The whole split is validated when it is
-opened — paths, labels, image headers — so bad data fails fast with the file and line.
+opened — paths, labels, every image decoded in full — so bad data fails fast, every bad line of
+the split reported together with its file and line.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def open_task(task: str | os.PathLike, split: str, *, transform: Callable | None
               verify: bool = True) -> TaskDataset:
     """Open and validate one split of a task (built-in name or folder; layout detected).
 
-    ``verify=False`` skips the per-image header check (paths and labels are still checked).
+    ``verify=False`` skips decoding every image (paths and labels are still checked).
     """
     path, group, builtin = resolve_task(task, data_root=data_root, seed=seed)
     layout = "vtab1k" if builtin else detect_layout(path)
@@ -140,8 +141,9 @@ def list_tasks(data_root: str | os.PathLike | None = None) -> list[dict[str, Any
             entry: dict[str, Any] = {"name": p.name, "group": VTAB_GROUPS.get(p.name), "where": str(p), "builtin": False}
             try:
                 entry["layout"] = layout = detect_layout(p)
+                sizes = _sizes(p, layout)  # first: it names a list's unparsable lines
                 entry["classes"] = _classes(p, layout)
-                entry["sizes"] = _sizes(p, layout)
+                entry["sizes"] = sizes
             except (TaskDataError, OSError) as exc:
                 if "layout" not in entry:
                     continue  # not a task folder at all

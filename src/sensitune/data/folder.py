@@ -77,7 +77,8 @@ def open_folder(folder: Path, split: str, *, transform=None, name: str | None = 
     entries = [e for r in roots for e in _entries(r, folder, classes)]
     if not entries:
         raise TaskDataError(f"split {split!r} holds no images with extensions {sorted(EXTENSIONS)}", file=roots[0])
-    samples = validate_samples(folder, entries, len(classes), verify=verify)
+    samples = validate_samples(folder, entries, len(classes), verify=verify,
+                               what=f"split {split} of task {name or folder.name}")
     return TaskDataset(samples, num_classes=len(classes), class_names=classes, name=name or folder.name,
                        root=folder, split=split, group=group, transform=transform, layout="folder")
 
