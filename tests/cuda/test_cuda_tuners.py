@@ -6,18 +6,27 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers.padding import pad_same
 
+import sensitune
 from cuda_helpers import PRECISIONS, assert_close_at, autocast, sibling
 from sensitune.tuners.packing import pack_bits, unpack_bits
 from sensitune.tuners.quant import pack_quantized, quantize_ste, unpack_quantized
 from sensitune.tuners.sparse import SparseConv2dFunction, SparseIndex, SparseLinearFunction
 
 SPARSE = sibling("tuners/test_sparse.py")  # _dense_reference, _CONVS, _Net, Plan, Unit, model_shapes
-APPLY = sibling("tuners/test_apply.py")  # _effnet, make_plan, apply_plan
 PREC = sorted(PRECISIONS)
+
+
+def _vit() -> torch.nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=5)
+
+
+def _effnet() -> torch.nn.Module:
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=4)
 
 
 def _dense(weight, index, values):
@@ -117,7 +126,7 @@ def test_sparse_vectors_and_layers_via_apply_plan_match_dense_model(device, prec
     plan = SPARSE.Plan("test", units, shapes, head=["head.weight", "head.bias"])
     reference = copy.deepcopy(net).to(device)
     net.to(device)
-    APPLY.apply_plan(net, plan)  # on a model already on the device: index geometry built there
+    sensitune.apply_plan(net, plan)  # on a model already on the device: index geometry built there
     with torch.no_grad():
         for n, i in picks.items():
             mod, leaf = n.rsplit(".", 1)
@@ -141,11 +150,11 @@ def test_sparse_vectors_and_layers_via_apply_plan_match_dense_model(device, prec
 def test_gps_plan_applied_on_the_device_trains(device):
     """GPS puts K entries in every row: the K-per-row layout is detected for an index on the device."""
     torch.manual_seed(0)
-    model = APPLY._vit().to(device)
+    model = _vit().to(device)
     g = torch.Generator().manual_seed(0)
     scores = {n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()}
-    plan = APPLY.make_plan(model, scores, "gps", K=2)
-    APPLY.apply_plan(model, plan)
+    plan = sensitune.make_plan(model, scores, "gps", K=2)
+    sensitune.apply_plan(model, plan)
     qkv = next(u for u in plan.units if u.mode == "sparse" and u.target.endswith("attn.qkv.weight"))
     rows, cols = qkv.shape
     assert SparseIndex(qkv.indices.to(device), cols, rows).per_row == 2
@@ -161,8 +170,8 @@ def test_gps_plan_applied_on_the_device_trains(device):
 def test_folded_conv_lora_equals_the_side_branch(device, precision, conv, exact_float32):
     """A conv LoRA without dropout runs folded (W + B·A); output and A/B gradients equal the branch's."""
     torch.manual_seed(0)
-    model = APPLY._effnet().to(device).train()
-    APPLY.apply_plan(model, APPLY.make_plan(model, None, "lora", rank=3, targets=conv.replace(".", r"\.") + "$"))
+    model = _effnet().to(device).train()
+    sensitune.apply_plan(model, sensitune.make_plan(model, None, "lora", rank=3, targets=conv.replace(".", r"\.") + "$"))
     layer = model.get_submodule(conv)
     lora = layer.lora.w
     with torch.no_grad():
