@@ -18,6 +18,20 @@ class CLIError(Exception):
     """An error caused by the user's input: printed without a traceback, exit code 2."""
 
 
+class _NotRaised(Exception):
+    """Stands in for an error class whose module was never imported (so it cannot have been raised)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors reported as one line with exit code 2: bad input, and training stopped on a
+    non-finite loss or weight (a setting such as the lr is wrong; the message names the
+    checkpoint kept). Looked up only if the trainer was imported, so ``sensitune tasks`` never
+    imports torch."""
+    trainer = sys.modules.get("sensitune.engine.trainer")
+    non_finite = getattr(trainer, "NonFiniteLossError", _NotRaised)
+    return (CLIError, FileNotFoundError, ValueError, KeyError, non_finite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sensitune",
@@ -42,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError, KeyError) as exc:
+    except _user_errors() as exc:
         # Errors raised for bad input carry a message written for the user.
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"sensitune {args.command}: error: {message}", file=sys.stderr)

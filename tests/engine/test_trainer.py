@@ -143,12 +143,70 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     data = PoisonAfter(poison_from=32 + 16, n=32)  # epoch 1 clean, epoch 2 step 2 poisoned
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* epoch 2, step 2") as err:
         fit(model, data, cfg(epochs=3), out_dir=tmp_path, log=lambda s: None)
-    assert "last good checkpoint is kept" in str(err.value)
+    assert (f"the last checkpoint with finite weights is kept: {tmp_path / 'checkpoints' / 'last.pt'} "
+            f"(epoch 1, step 0 of it, global step 2)") in str(err.value)
+    assert "\n" not in str(err.value)  # one line for the CLI
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0 and len(ckpt["history"]) == 1
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     # the step that saw the NaN never reached the weights
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _poison_grad_at(model, step: int) -> None:
+    """From optimizer step ``step`` (1-based) on, one trained tensor's gradient is infinite while
+    the loss stays finite: only a check of the weights after the update can see it."""
+    calls = {"n": 0}
+    p = model.head.weight
+
+    def hook(g):
+        calls["n"] += 1
+        return g * float("inf") if calls["n"] >= step else g
+    p.register_hook(hook)
+
+
+def test_non_finite_weights_after_an_update_stop_training_and_are_never_saved(tmp_path):
+    model = tiny_vit()
+    _poison_grad_at(model, step=7)  # epoch 1 = steps 1-4 (checkpoint), epoch 2 step 3 poisons the head
+    with pytest.raises(NonFiniteLossError) as err:
+        fit(model, TinyTask(32), cfg(epochs=3, batch_size=8), out_dir=tmp_path, log=lambda s: None)
+    msg = str(err.value)
+    assert msg.startswith("training stopped: non-finite weights in 1 of ")
+    assert "(e.g. head.weight) after the update at epoch 2, step 3 (global step 7)" in msg
+    assert "kept: " in msg and "(epoch 1, step 0 of it, global step 4)" in msg
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert not torch.isfinite(model.head.weight).all()  # the bad step did happen in memory, and stopped there
+
+
+def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path):
+    model = tiny_vit()
+    model.register_buffer("stat", torch.zeros(3))  # like a BatchNorm running statistic
+    epochs_seen = []
+
+    def poison(module, args):
+        if len(epochs_seen) >= 5:  # the 5th forward onwards (epoch 2) corrupts the statistic
+            module.stat.fill_(float("nan"))
+        epochs_seen.append(1)
+    model.register_forward_pre_hook(poison)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights in 1 trained tensor\(s\) \(e\.g\. stat\) "
+                                                 r"when saving the checkpoint after global step 8 \(not written\)"):
+        fit(model, TinyTask(32), cfg(epochs=3, batch_size=8), out_dir=tmp_path, log=lambda s: None)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["global_step"] == 4 and torch.equal(ckpt["model"]["stat"], torch.zeros(3))
+
+
+def test_resuming_from_a_non_finite_checkpoint_is_refused(tmp_path):
+    from sensitune.engine.checkpoint import save_checkpoint
+
+    fit(tiny_vit(), TinyTask(16), cfg(epochs=1), out_dir=tmp_path, log=lambda s: None)
+    path = tmp_path / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["model"]["head.bias"][0] = float("nan")  # an old run, written before weights were checked
+    save_checkpoint(path, **{k: v for k, v in ckpt.items() if k != "format"})
+    with pytest.raises(ValueError, match=r"cannot resume .*non-finite weights \(1 tensor\(s\), e\.g\. head\.bias\)"):
+        fit(tiny_vit(), TinyTask(16), cfg(epochs=1), out_dir=tmp_path, resume=True, log=lambda s: None)
 
 
 def test_no_trainable_parameter_is_an_error():

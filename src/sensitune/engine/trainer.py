@@ -58,7 +58,12 @@ METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "images", "e
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before the weights were touched."""
+    """The loss or a trained tensor became NaN or infinite: training stopped at that step.
+
+    No checkpoint ever holds a non-finite tensor (each is checked before it is written), so the
+    one on disk, which the message names, is the last with finite weights. The CLI reports this
+    in one line with exit code 2 (it almost always means a setting, such as the lr, is wrong).
+    """
 
 
 # -- devices and processes ------------------------------------------------------------------
@@ -351,9 +356,10 @@ def fit(
     ``cfg.batch_size`` is the global batch (split across processes under torchrun). With
     ``out_dir``, rank 0 writes ``checkpoints/last.pt`` after every epoch (and every
     ``cfg.checkpoint_every`` steps) and ``metrics.csv``; ``resume=True`` continues from that
-    checkpoint. Raises :class:`NonFiniteLossError` on a NaN/inf loss, leaving the last good
-    checkpoint in place. ``head(name, param)`` names the classification head's tensors, which
-    train at ``cfg.head_lr`` when it is set. ``cfg.norm_stats`` decides which norm layers stay in
+    checkpoint. Raises :class:`NonFiniteLossError` on a NaN/inf loss or trained weight (checked at
+    every step) and never writes a checkpoint holding one, so the last checkpoint stays usable.
+    ``head(name, param)`` names the classification head's tensors, which train at ``cfg.head_lr``
+    when it is set. ``cfg.norm_stats`` decides which norm layers stay in
     eval mode throughout (:func:`pretrained_stat_layers`; by default all of them).
     """
     cfg.validate()
@@ -387,6 +393,7 @@ def fit(
     history: list[dict[str, Any]] = []
     partial = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
     resumed_from = None
+    saved_at: dict[str, int] | None = None  # the checkpoint on disk (finite by construction)
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         saved = ckpt["config"]
@@ -398,6 +405,10 @@ def fit(
                              + ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
                              + "; to continue it, pass its settings: "
                              + " ".join(f"--set {k}={'null' if a is None else a}" for k, (a, _) in diff.items()))
+        bad = nonfinite_tensors(ckpt["model"])
+        if bad:
+            raise ValueError(f"cannot resume {ckpt_path}: it holds non-finite weights ({len(bad)} tensor(s), e.g. "
+                             f"{bad[0]}); start the run again with --overwrite (and a lower lr)")
         load_trainable_state(model, ckpt["model"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -409,16 +420,43 @@ def fit(
         if start_batch:
             set_rng_state(ckpt["rng"])
         resumed_from = {"epoch": start_epoch, "step_in_epoch": start_batch, "global_step": global_step}
+        saved_at = dict(resumed_from)
         if info.is_main:
             log(f"resuming from {ckpt_path}: epoch {start_epoch + 1}, step {start_batch} of {steps_per_epoch}")
 
+    def stop(what: str, at: str) -> NonFiniteLossError:
+        """The one-line error for a non-finite ``what`` found ``at`` a point, naming the checkpoint kept."""
+        if ckpt_path is None:
+            where = "nothing was saved (no output folder)"
+        elif saved_at is None:
+            where = f"no checkpoint had been written yet, so {out} holds no trained weights"
+        else:
+            where = (f"the last checkpoint with finite weights is kept: {ckpt_path} (epoch {saved_at['epoch']}, "
+                     f"step {saved_at['step_in_epoch']} of it, global step {saved_at['global_step']})")
+        return NonFiniteLossError(
+            f"training stopped: non-finite {what} {at}, lr {optimizer.param_groups[0]['lr']:.3g}; {where}. "
+            f"Try a lower lr, grad_clip, or precision fp32.")
+
+    def step_name(epoch: int, step_in_epoch: int) -> str:
+        return f"at epoch {epoch + 1}, step {step_in_epoch + 1} (global step {global_step + 1})"
+
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
-        if ckpt_path is None or not info.is_main:
+        nonlocal saved_at
+        if ckpt_path is None:
+            return
+        # every rank holds the same weights (DDP), so every rank agrees on this check
+        bad = nonfinite_tensors(dict(_unwrap(net).named_parameters()), only_trainable=True) + \
+            nonfinite_tensors(dict(_unwrap(net).named_buffers()))
+        if bad:
+            raise stop(f"weights in {len(bad)} trained tensor(s) (e.g. {bad[0]})",
+                       f"when saving the checkpoint after global step {global_step} (not written)")
+        if not info.is_main:
             return
         save_checkpoint(ckpt_path, model=trainable_state(_unwrap(net)), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                         rng=rng_state(), epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
                         history=history, partial=partial, config=config_fingerprint(cfg), world=info.world)
+        saved_at = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
 
     net: nn.Module = model
     if info.world > 1:
@@ -452,7 +490,8 @@ def fit(
                 with autocast_context(device, cfg.precision):
                     logits = logits_of(net(images))
                 loss_sum = criterion(logits.float(), labels)
-                _check_finite(loss_sum, info, device, epoch, step_in_epoch, global_step, optimizer, ckpt_path)
+                if not _all_ranks_finite(loss_sum, info, device):
+                    raise stop(f"training loss ({loss_sum.item()})", step_name(epoch, step_in_epoch))
                 scale = info.world / global_sizes[k]
                 loss = loss_sum * scale
                 if scaler is not None:
@@ -468,6 +507,13 @@ def fit(
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                # the step is accepted only with finite weights (a finite gradient can still blow a
+                # weight up, e.g. through weight decay at a huge lr); max |w| is finite iff all are,
+                # and DDP keeps every rank's weights equal, so no rank is left waiting
+                if not torch.isfinite(nn.utils.get_total_norm(trainable, norm_type=math.inf)).item():
+                    bad = nonfinite_tensors(dict(_unwrap(net).named_parameters()), only_trainable=True)
+                    raise stop(f"weights in {len(bad)} of {len(trainable)} trained tensor(s) (e.g. "
+                               f"{bad[0] if bad else '?'}) after the update", step_name(epoch, step_in_epoch))
                 global_step += 1
                 with torch.no_grad():
                     if global_step == 1:  # the loss before any update: where training started
@@ -536,20 +582,19 @@ def _unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
 
-def _check_finite(loss: torch.Tensor, info: DistInfo, device: torch.device, epoch: int, step: int,
-                  global_step: int, optimizer: torch.optim.Optimizer, ckpt_path: Path | None) -> None:
-    """Stop every rank, before any weight changes, when some rank's loss is NaN/inf."""
+def _all_ranks_finite(loss: torch.Tensor, info: DistInfo, device: torch.device) -> bool:
+    """Whether every rank's loss is finite (checked before the backward pass touches anything)."""
     bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=device if device.type == "cuda" else "cpu")
     if info.world > 1:
         dist.all_reduce(bad)
-    if bad.item() == 0:
-        return
-    where = (f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path is not None and ckpt_path.is_file()
-             else "no checkpoint had been written yet")
-    raise NonFiniteLossError(
-        f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} (global step {global_step}), "
-        f"lr {optimizer.param_groups[0]['lr']:.3g}; training stopped and {where}. "
-        "Try a lower lr, grad_clip, or precision fp32.")
+    return bad.item() == 0
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor], only_trainable: bool = False) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (``only_trainable``:
+    among those with ``requires_grad``)."""
+    return [n for n, t in tensors.items()
+            if t.is_floating_point() and (not only_trainable or t.requires_grad) and not torch.isfinite(t).all()]
 
 
 def _tensorboard(out: Path | None, cfg: TrainConfig, info: DistInfo, log: Callable[[str], None]):
