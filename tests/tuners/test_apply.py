@@ -9,7 +9,7 @@ from timm.layers.padding import pad_same
 
 from sensitune.planning import METHODS, Plan, make_plan
 from sensitune.tuners import apply_plan, merge, trainable_parameters, unmerge
-from sensitune.tuners.apply import _lora_in_weight
+from sensitune.tuners.host import _lora_in_weight
 from sensitune.tuners.quant import quantize_ste
 
 

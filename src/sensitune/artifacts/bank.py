@@ -110,7 +110,7 @@ class TaskBank:
 
     def _build(self, delta: Delta, fingerprint: str) -> _Task:
         plan = delta.plan
-        owned = {u.target for u in plan.units if u.mode in ("full", "head")}
+        owned = {u.target for u in plan.units if u.spec.replaces_base}
         owned |= set(plan.head)
         norm_bufs = {info["buffer"] for info in delta.meta["tensors"].values() if info.get("part") == "norm_stats"}
         memo: dict[int, object] = {}
@@ -130,17 +130,11 @@ class TaskBank:
         for u in plan.units:
             if u.module:
                 paths.add(u.module)
-            elif u.mode in ("full", "head"):
-                root[u.leaf] = shell._parameters[u.leaf]
-            elif u.mode == "sparse":
-                from sensitune.tuners.sparse import scatter_delta
-
-                with torch.no_grad():
-                    w = shell._parameters[u.leaf]
-                    merged = scatter_delta(w, getattr(shell, f"{u.leaf}_delta"), getattr(shell, f"{u.leaf}_delta_index"))
-                root[u.leaf] = nn.Parameter(merged, requires_grad=False)
             else:
-                raise DeltaError(f"{delta.where}: a {u.mode} unit on the root module ({u.target}) cannot be swapped")
+                tensor = u.spec.root_tensor(shell, u)
+                if tensor is None:
+                    raise DeltaError(f"{delta.where}: a {u.mode} unit on the root module ({u.target}) cannot be swapped")
+                root[u.leaf] = tensor
         paths |= {b.rsplit(".", 1)[0] for b in norm_bufs if "." in b}
         sites = _topmost(paths - {""})
         return _Task(delta=delta, shell=shell, sites=sites, root_tensors=root)

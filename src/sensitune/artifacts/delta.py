@@ -24,7 +24,6 @@ so a delta cannot run code.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
@@ -61,11 +60,6 @@ PLAN_PREFIX = "plan::"
 BUFFER_PREFIX = "buffer::"
 LOWBIT_FIELDS = ("codes", "mu", "sigma")
 
-#: the part of the storage report each role of Plan.parameters() falls into
-_ROLE_PART = {"sparse": "sparse_values", "lora_A": "lora", "lora_B": "lora", "adapter": "adapter",
-              "head": "head", "full": "full", "bias": "bias"}
-
-
 # ----------------------------------------------------------------------------- plan glue
 def _plan_to_record(plan) -> tuple[dict, dict[str, Tensor]]:
     """The plan as JSON (no indices) and its sparse indices keyed ``plan::<i>:<target>``."""
@@ -73,8 +67,8 @@ def _plan_to_record(plan) -> tuple[dict, dict[str, Tensor]]:
 
     tensors = {}
     for i, u in enumerate(plan.units):
-        if u.mode == "sparse":
-            tensors[PLAN_PREFIX + index_key(i, u.target)] = u.indices.to(index_dtype(math.prod(u.shape))).contiguous()
+        if u.indices is not None:
+            tensors[PLAN_PREFIX + index_key(i, u.target)] = u.indices.to(index_dtype(u.numel)).contiguous()
     return plan.to_json(), tensors
 
 
@@ -91,7 +85,7 @@ def _plan_from_record(record: Mapping[str, Any], tensors: Mapping[str, Tensor], 
     except (KeyError, TypeError, ValueError) as exc:
         raise DeltaError(f"{where}: {META_FILE} holds an invalid plan ({exc})") from None
     for i, u in enumerate(plan.units):
-        if u.mode != "sparse":
+        if u.indices is None:
             continue
         key = PLAN_PREFIX + index_key(i, u.target)
         idx = tensors[key]
@@ -106,22 +100,10 @@ def _plan_from_record(record: Mapping[str, Any], tensors: Mapping[str, Tensor], 
 
 
 def quantised_params(plan) -> dict[str, int]:
-    """name -> bits of every trained tensor stored as packed low-bit codes.
-
-    Low-bit units quantise their weight matrices (LoRA A and B, adapter/AdaptFormer down and up
-    weights, a k-bit head's weight); adapter biases stay float32 — as in Plan.nbytes.
-    """
-    out: dict[str, int] = {}
-    for u in plan.units:
-        if u.bits >= 32:
-            continue
-        for name, role, _ in u.parameters():
-            if u.mode == "head":
-                if len(u.shape) > 1:
-                    out[name] = u.bits
-            elif role in ("lora_A", "lora_B") or (role == "adapter" and not name.endswith("_b")):
-                out[name] = u.bits
-    return out
+    """name -> bits of every trained tensor stored as packed low-bit codes (each mode says which:
+    LoRA A and B, adapter/AdaptFormer down and up weights, a k-bit head's weight; adapter biases
+    stay float32 — as in Plan.nbytes)."""
+    return {name: bits for u in plan.units for name, bits in u.spec.quantised(u).items()}
 
 
 def _float_plan(plan):
@@ -131,10 +113,7 @@ def _float_plan(plan):
     weight to a float layer reproduces the trained forward bit for bit (quantising it again
     would not: its mean and std differ from the latent weight's).
     """
-    units = [copy.copy(u) for u in plan.units]
-    for u in units:
-        u.bits = 32
-    return plan.with_units(units)
+    return plan.with_units([u.with_options(bits=32) if u.bits != 32 else u for u in plan.units])
 
 
 # ----------------------------------------------------------------------------- the Delta value
@@ -379,7 +358,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
         manifest[key] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), **info}
 
     for i, u in enumerate(plan.units):
-        if u.mode == "sparse":
+        if u.indices is not None:
             key = PLAN_PREFIX + index_key(i, u.target)
             put(key, plan_tensors[key], part="sparse_indices", unit=i, target=u.target, target_numel=math.prod(u.shape))
     for name, role in roles.items():
@@ -401,7 +380,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
             put(f"{name}::mu", stored["mu"], part="lowbit_stats", field="mu", **info)
             put(f"{name}::sigma", stored["sigma"], part="lowbit_stats", field="sigma", **info)
         else:
-            put(name, param, part=_ROLE_PART.get(role, role), **base)
+            put(name, param, part=plan.units[unit_of[name]].spec.part(role), **base)
 
     if norm_stats is None:
         norm_stats = meta.get("norm_stats", True)

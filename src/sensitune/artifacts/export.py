@@ -130,12 +130,12 @@ def peft_parts(model: nn.Module, plan) -> tuple[list[LoraFactor], dict[str, dict
     left_out: list[str] = []
     notes: list[str] = []
     factors: list[LoraFactor] = []
-    lora_modules = {u.module for u in plan.units if u.mode == "lora"}
-    sparse_modules = {u.module for u in plan.units if u.mode == "sparse"}
+    lora_modules = {u.module for u in plan.units if u.spec.peft == "lora"}
+    sparse_modules = {u.module for u in plan.units if u.spec.indexed}
     label = lambda u: f"{u.mode}:{u.target}" + (f"[{u.slice}]" if u.slice else "")  # noqa: E731
 
     for u in plan.units:
-        if u.mode != "lora":
+        if u.spec.peft != "lora":
             continue
         mod = modules[u.module]
         lora = mod.lora[u.key]
@@ -173,9 +173,10 @@ def peft_parts(model: nn.Module, plan) -> tuple[list[LoraFactor], dict[str, dict
 
     head = find_head(model)
     for u in plan.units:
-        if u.mode in ("sparse", "adapter", "adaptformer"):
-            left_out.append(f"{label(u)} ({'sparse entries' if u.mode == 'sparse' else 'non-linear adapter'})")
-        elif u.mode in ("full", "head"):
+        kind = u.spec.peft  # each mode says how PEFT carries it (lora: above), or why it cannot
+        if kind == "refuse":
+            left_out.append(f"{label(u)} ({u.spec.peft_refusal or 'no PEFT equivalent'})")
+        elif kind == "module":
             save_whole(u.module, label(u))
     for buf in norm_stats(model):
         save_whole(buf.rsplit(".", 1)[0] if "." in buf else "", f"norm_stats:{buf}")

@@ -5,48 +5,28 @@ A delta is a folder with exactly two files, ``delta.safetensors`` (tensors) and 
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
+
+from sensitune.io import INDEX_DTYPES as _INDEX_DTYPES
+from sensitune.io import index_bits, index_dtype, json_safe, write_json
+from sensitune.io import read_json as _read_json
 
 TENSORS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
 FORMAT_NAME = "sensitune-delta"
 FORMAT_VERSION = 1
 
-#: integer dtypes used for stored indices, narrowest first, with the largest index each can hold
-_INDEX_DTYPES: tuple[tuple[torch.dtype, int], ...] = (
-    (torch.uint8, 2**8 - 1),
-    (torch.int16, 2**15 - 1),
-    (torch.int32, 2**31 - 1),
-    (torch.int64, 2**63 - 1),
-)
 INDEX_DTYPES = tuple(d for d, _ in _INDEX_DTYPES)
 
 
 class DeltaError(ValueError):
     """A delta folder that cannot be read or does not fit the model (message names the key)."""
-
-
-def index_dtype(numel: int) -> torch.dtype:
-    """The narrowest integer dtype that holds every flat index of a tensor with ``numel`` entries."""
-    if numel < 1:
-        raise ValueError(f"numel must be >= 1, got {numel}")
-    for dtype, largest in _INDEX_DTYPES:
-        if numel - 1 <= largest:
-            return dtype
-    raise ValueError(f"numel={numel} is too large for int64 indices")  # pragma: no cover
-
-
-def index_bits(numel: int) -> int:
-    """Bits one flat index into ``numel`` entries needs at least: ceil(log2(numel)), ≥ 1."""
-    return max(1, math.ceil(math.log2(numel))) if numel > 1 else 1
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -58,23 +38,8 @@ def tensor_nbytes(t: torch.Tensor) -> int:
 
 
 def write_json_atomic(path: Path, obj: Any, *, compact: bool = False) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temp file in the same folder + rename.
-
-    Indented for people by default; ``compact`` (no whitespace) where the file's size counts.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            if compact:
-                json.dump(obj, fh, separators=(",", ":"))
-            else:
-                json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``obj`` as JSON to ``path`` atomically; indented for people, ``compact`` where size counts."""
+    write_json(path, obj, compact=compact)
 
 
 class AtomicDir:
@@ -112,26 +77,5 @@ class AtomicDir:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DeltaError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise DeltaError(f"{path}: expected a JSON object at the top level, got {type(obj).__name__}")
-    return obj
-
-
-def json_safe(obj: Any) -> Any:
-    """Turn tuples, paths and tensors-with-one-value into plain JSON values (recursively)."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
+    """The JSON object in ``path``; anything else is a DeltaError naming the file."""
+    return _read_json(path, error=DeltaError)

@@ -1,10 +1,11 @@
 """Fold a tuned model into a plain timm/torch model, and look at the base under a tuned model.
 
 ``sensitune.apply_plan`` tunes modules in place: it adds tensors beside a layer's own
-(``weight_delta``, ``weight_delta_index``, ``lora``/``adapter`` ModuleDicts, ``adaptformer``),
+(``weight_delta``, ``weight_delta_index``, ``lora``/``adapter`` ModuleDicts, ``adaptformer``, ``ssf``),
 gives the layer an instance-level ``forward`` and keeps its state in ``_sensitune``; AdaptFormer
 adds forward hooks. :func:`merge` folds the linear parts into the weights (sparse values, LoRA
-``s·B·A`` with dequantised k-bit factors, a k-bit head's dequantised weight) and then removes all
+``s·B·A`` with dequantised k-bit factors, a k-bit head's dequantised weight, SSF's scale and
+shift) and then removes all
 of that, so the result needs no sensitune code. Sequential adapters and AdaptFormer are
 non-linear (GELU/ReLU between Down and Up): no weight can absorb them, so :func:`merge` refuses
 a model that has any and says which units to blame.
@@ -18,7 +19,6 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-_ADDED_MODULES = ("lora", "adapter", "adaptformer")
 _INSTANCE_ATTRS = ("forward", "_sensitune", "_sensitune_mlp_input")
 
 
@@ -48,6 +48,7 @@ def base_view(model: nn.Module, hide: Iterable[str] = (), norm_buffers: Iterable
     """
     from sensitune.tuners import merge as tuners_merge
     from sensitune.tuners import unmerge as tuners_unmerge
+    from sensitune.tuners.modes import added_modules
 
     was_merged = any(m.__dict__["_sensitune"].merged for m in model.modules() if _tuned(m))
     if was_merged:
@@ -56,7 +57,7 @@ def base_view(model: nn.Module, hide: Iterable[str] = (), norm_buffers: Iterable
     hidden: list[tuple[dict, str, object]] = []
     try:
         for mod_name, m in model.named_modules():
-            for name in _ADDED_MODULES:
+            for name in added_modules():
                 if name in m._modules:
                     hidden.append((m._modules, name, m._modules.pop(name)))
             params, buffers = _added_tensors(m)
@@ -77,8 +78,8 @@ def base_view(model: nn.Module, hide: Iterable[str] = (), norm_buffers: Iterable
 
 
 def replaced_tensors(plan) -> list[str]:
-    """Base tensors a delta replaces outright (units in ``full``/``head`` mode, the head)."""
-    return sorted({u.target for u in plan.units if u.mode in ("full", "head")} | set(plan.head))
+    """Base tensors a delta replaces outright (units of a mode that trains the base tensor itself, the head)."""
+    return sorted({u.target for u in plan.units if u.spec.replaces_base} | set(plan.head))
 
 
 def base_fingerprint(model: nn.Module, plan=None, *, delta_has_norm_stats: bool = True) -> str:
@@ -115,9 +116,10 @@ def norm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def nonlinear_units(plan) -> list[str]:
-    """Units no weight can absorb (adapters, AdaptFormer), as ``mode:target[slice]`` labels."""
+    """Units no weight can absorb (adapters, AdaptFormer: their mode is not mergeable), as
+    ``mode:target[slice]`` labels."""
     return [f"{u.mode}:{u.target}" + (f"[{u.slice}]" if u.slice else "")
-            for u in plan.units if u.mode in ("adapter", "adaptformer")]
+            for u in plan.units if not u.spec.mergeable]
 
 
 def is_plain(model: nn.Module) -> list[str]:
@@ -149,7 +151,7 @@ def merge(model: nn.Module) -> nn.Module:
     ``model`` within float rounding. ``model`` itself is left unchanged. Raises ValueError for
     adapter/AdaptFormer units (non-linear, cannot be folded).
     """
-    from sensitune.tuners import applied_plan
+    from sensitune.tuners import applied_plan, get_mode, registered
     from sensitune.tuners import merge as tuners_merge
 
     plan = applied_plan(model)
@@ -162,11 +164,14 @@ def merge(model: nn.Module) -> nn.Module:
                 f"between Down and Up. Use load_delta (or export --format delta) for this task instead.")
     out = copy.deepcopy(model)
     tuners_merge(out)
+    modes = [get_mode(name) for name in registered()]
     for m in out.modules():
-        m._modules.pop("lora", None)  # folded into the weight by tuners.merge
-        for name in ("adapter", "adaptformer"):
-            if name in m._modules:
-                raise ValueError(f"cannot merge: a non-linear {name!r} module sits under {type(m).__name__}")
+        for mode in modes:
+            if mode.added_module is None or mode.added_module not in m._modules:
+                continue
+            if not mode.mergeable:
+                raise ValueError(f"cannot merge: a non-linear {mode.added_module!r} module sits under {type(m).__name__}")
+            del m._modules[mode.added_module]  # folded into the weights by tuners.merge
         params, buffers = _added_tensors(m)
         for name in params:
             del m._parameters[name]
