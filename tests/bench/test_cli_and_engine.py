@@ -25,20 +25,26 @@ def test_bench_command_refuses_bad_input(tmp_path, capsys):
 
 
 def test_real_engine_cells_feed_the_report(tmp_path):
-    """Two real train() runs (random-init timm test model, 32 px, 1 epoch): the report reads their results."""
+    """Two real train() runs (random-init timm test model, 32 px, 2 epochs at lr 0.05): the linear probe
+    learns and the report reads its results; BitFit's loss ends above its start, so the run is flagged
+    diverged, listed, and left out of the table."""
     out = tmp_path / "res"
-    manifest = run_bench(suite="mini", tasks=["textures"], model="test_efficientnet", methods="linear,bitfit",
-                         out=out, overrides={"pretrained": "none", "img_size": 32, "epochs": 1, "batch_size": 50,
+    manifest = run_bench(suite="mini", tasks=["textures"], model="test_efficientnet",
+                         methods="linear:lr=0.05,bitfit:lr=0.05",
+                         out=out, overrides={"pretrained": "none", "img_size": 32, "epochs": 2, "batch_size": 25,
                                     "train_split": "val200", "eval_split": "val200"},  # small and quick
                          isolate=False, threads=1, progress=False, echo=lambda s: None)
     assert not manifest["failed"]
-    results = {m: json.loads((out / f"textures/{m}/seed0/results.json").read_text()) for m in ("linear", "bitfit")}
+    results = {m: json.loads((out / f"textures/{m}+lr=0.05/seed0/results.json").read_text()) for m in ("linear", "bitfit")}
     assert all(r["protocol"] == "final" and r["eval_split"] == "val200" for r in results.values())
+    assert not results["linear"]["diverged"] and results["bitfit"]["diverged"]
+    assert results["bitfit"]["train_loss"] > results["bitfit"]["train_loss_start"]
+    assert list(manifest["diverged"]) == ["textures/bitfit+lr=0.05/seed0"]
     report = write_report(out, plots=False)
     linear, bitfit = report["summaries"]
     assert linear.task_mean["textures"] == results["linear"]["accuracy"]
-    assert linear.costs["params_no_head"] == 0 and bitfit.costs["params_no_head"] > 0
-    assert bitfit.costs["params"] == results["bitfit"]["trainable_params"]
+    assert bitfit.missing == ["textures"] and "Diverged runs" in report["markdown"]
+    assert linear.costs["params_no_head"] == 0
     assert linear.costs["bytes"] == results["linear"]["delta_bytes_on_disk"] > 0
 
 

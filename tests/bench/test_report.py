@@ -76,9 +76,11 @@ def test_report_files_tables_and_plots(tmp_path):
     assert MEAN_OF_GROUPS in md and MEAN_OF_TASKS in md
     row = next(line for line in md.splitlines() if line.startswith("| m1 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    # method, a, b, c, g1 mean, g2 mean, mean of group means, mean over tasks
-    assert cells == ["m1", fmt_acc(81.0, math.sqrt(2)), fmt_acc(62.0, math.sqrt(8)), "90.0 ± 0.0",
-                     fmt_acc(71.5, 1.5 * math.sqrt(2)), "90.0 ± 0.0", "80.8 ± 1.1", "77.7 ± 1.4"]
+    # method, a, b, c, g1 mean, g2 mean, mean of group means, mean over tasks; ± = 95 % t half-width over
+    # 2 seeds = t(0.975, 1) * sd / sqrt(2) with t(0.975, 1) = 12.7062 (tables): sd sqrt 2 -> 12.7
+    t = 12.7062
+    assert cells == ["m1", fmt_acc(81.0, t), fmt_acc(62.0, 2 * t), "90.0 ± 0.0",
+                     "71.5", "90.0", fmt_acc(80.75, t * 0.75), fmt_acc(233 / 3, t)]
     m2_row = next(line for line in md.splitlines() if line.startswith("| m2 |"))
     assert m2_row.count("—") == 4  # task c, g2 mean and both overall means
     assert "c/m2/seed0" in md  # failures are listed, not hidden
@@ -122,3 +124,28 @@ def test_heatmap_of_a_scored_run(tmp_path):
     (png,) = [p for p in report["files"] if p.parent.name == "heatmaps"]
     assert png.name == "a__m2.png" and mpimg.imread(png).std() > 0
     assert "](heatmaps/a__m2.png)" in report["markdown"]
+
+
+def test_std_spread_paired_differences_and_one_seed_by_hand(tmp_path):
+    from sensitune.bench.report import accuracy_table, paired_differences
+
+    _, cells = load_cells(make_bench(tmp_path))
+    summaries = summarize(cells, TASKS, ["m1", "m2"])
+    _, rows = accuracy_table(summaries, TASKS, spread="std")
+    assert rows[0][:4] == ["m1", fmt_acc(81.0, math.sqrt(2)), fmt_acc(62.0, math.sqrt(8)), "90.0 ± 0.0"]
+    (d,) = paired_differences(summaries, TASKS, "m1")
+    # m2 - m1 per seed: a (70-80, 70-82), b (50-60, 52-64) -> mean -11, sd sqrt 2, half-width 12.7
+    assert d.task["a"][0] == pytest.approx(-11.0) and d.task["a"][1] == pytest.approx(12.7062, abs=1e-3)
+    assert d.task["b"][:1] == (-11.0,) and "c" not in d.task and d.mean_of_tasks is None
+    md = write_report(tmp_path, plots=False, reference="m1")["markdown"]
+    assert "| m2 − m1 | -11.0 ± 12.7 | -11.0 ± 12.7 | — | — |" in md
+    # one seed: no interval, said in words, never a ± 0
+    manifest = json.loads((tmp_path / "bench.json").read_text())
+    manifest["seeds"] = [0]
+    manifest["cells"] = [c for c in manifest["cells"] if c["seed"] == 0]
+    (tmp_path / "bench.json").write_text(json.dumps(manifest))
+    md = write_report(tmp_path, plots=False)["markdown"]
+    assert "no confidence interval (an interval needs at least 2 seeds)" in md
+    assert "| m1 | 80.0 | 60.0 | 90.0 |" in md and "±" not in md.split("Costs")[0].split("\n\n", 2)[2]
+    with pytest.raises(ValueError, match="confidence level between 0 and 1"):
+        write_report(tmp_path, plots=False, ci=95)

@@ -53,6 +53,8 @@ class Cell:
     lr: float | None = None
     run: str = ""
     scores: str | None = None  # scores file of a scored run (for the heat maps)
+    diverged: str | None = None  # why the run counts as diverged (its accuracy is no result)
+    fallback_from: float | None = None  # the chosen lr, when this run is the fall-back from it
 
 
 @dataclass
@@ -71,6 +73,12 @@ class MethodSummary:
     costs: dict[str, float | None] = field(default_factory=dict)
     seeds: int = 0
     missing: list[str] = field(default_factory=list)
+    # half-widths of the confidence interval over seeds (None: fewer than two seeds)
+    task_ci: dict[str, float | None] = field(default_factory=dict)
+    mean_of_groups_ci: float | None = None
+    mean_of_tasks_ci: float | None = None
+    fallback_tasks: list[str] = field(default_factory=list)
+    per_seed: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> seed -> accuracy
 
 
 COST_COLUMNS = [
@@ -114,6 +122,7 @@ def cell_from_results(results: dict[str, Any], *, task: str, group: str, method:
         images_per_s=_num(results.get("images_per_s")),
         lr=_num(results.get("lr")),
         run=run, scores="scores.safetensors",
+        diverged=(str(results.get("divergence") or "diverged") if results.get("diverged") else None),
     )
 
 
@@ -144,6 +153,7 @@ def load_cells(folder: str | Path) -> tuple[dict[str, Any], list[Cell]]:
         cell = cell_from_results(results, task=entry["task"], group=entry["group"], method=entry["method"],
                                  seed=entry["seed"], run=entry["path"])
         cell.cpu_seconds = (manifest.get("cpu_seconds") or {}).get(entry["path"])
+        cell.fallback_from = entry.get("fallback_from")
         if cell.scores and not Path(cell.scores).is_absolute():
             cell.scores = str(folder / entry["path"] / cell.scores)
         cells.append(cell)
@@ -159,14 +169,25 @@ def _std(values: Sequence[float]) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) >= 2 else None
 
 
+def ci_half_width(values: Sequence[float], level: float = 0.95) -> float | None:
+    """Half-width of the two-sided Student-t confidence interval of the mean; None below 2 values."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
 def summarize(cells: Iterable[Cell], tasks: Sequence[tuple[str, str]],
-              methods: Sequence[str] | None = None) -> list[MethodSummary]:
+              methods: Sequence[str] | None = None, ci: float = 0.95) -> list[MethodSummary]:
     """Per-method accuracy and cost summary over the suite ``tasks`` [(task, group)].
 
     Group means average the per-task means (over seeds) of the tasks in the group; an
-    aggregate is None when the method misses a task it covers.
+    aggregate is None when the method misses a task it covers. A diverged run is no result:
+    it is left out, so its task counts as missing unless another seed finished. ``ci``: the
+    level of the intervals over seeds (Student t on the per-seed values).
     """
-    cells = list(cells)
+    cells = [c for c in cells if not c.diverged]
     order = list(methods) if methods else list(dict.fromkeys(c.method for c in cells))
     groups = list(dict.fromkeys(g for _, g in tasks))
     out = []
@@ -178,11 +199,15 @@ def summarize(cells: Iterable[Cell], tasks: Sequence[tuple[str, str]],
         by_task: dict[str, dict[int, float]] = {}
         for c in mine:
             by_task.setdefault(c.task, {})[c.seed] = c.accuracy
+            if c.fallback_from is not None and c.task not in s.fallback_tasks:
+                s.fallback_tasks.append(c.task)
+        s.per_seed = by_task
         for task, _ in tasks:
             accs = list(by_task.get(task, {}).values())
             if accs:
                 s.task_mean[task] = float(np.mean(accs))
                 s.task_std[task] = _std(accs)
+                s.task_ci[task] = ci_half_width(accs, ci)
             else:
                 s.missing.append(task)
         for g in groups:
@@ -200,9 +225,10 @@ def summarize(cells: Iterable[Cell], tasks: Sequence[tuple[str, str]],
                                for g in groups}
             for g in groups:
                 s.group_std[g] = _std(per_seed_groups[g])
-            s.mean_of_groups_std = _std([float(np.mean([per_seed_groups[g][i] for g in groups]))
-                                         for i in range(len(full_seeds))])
-            s.mean_of_tasks_std = _std([float(np.mean([by_task[t][sd] for t, _ in tasks])) for sd in full_seeds])
+            seed_mog = [float(np.mean([per_seed_groups[g][i] for g in groups])) for i in range(len(full_seeds))]
+            seed_mot = [float(np.mean([by_task[t][sd] for t, _ in tasks])) for sd in full_seeds]
+            s.mean_of_groups_std, s.mean_of_groups_ci = _std(seed_mog), ci_half_width(seed_mog, ci)
+            s.mean_of_tasks_std, s.mean_of_tasks_ci = _std(seed_mot), ci_half_width(seed_mot, ci)
         for key, _ in COST_COLUMNS:
             vals = [getattr(c, key) for c in mine if getattr(c, key) is not None]
             s.costs[key] = float(np.mean(vals)) if vals else None
@@ -258,15 +284,80 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def accuracy_table(summaries: Sequence[MethodSummary], tasks: Sequence[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
+def accuracy_table(summaries: Sequence[MethodSummary], tasks: Sequence[tuple[str, str]],
+                   spread: str = "ci") -> tuple[list[str], list[list[str]]]:
+    """Accuracy per task, group and overall; ± is the confidence interval's half-width over seeds
+    (``spread="ci"``) or their standard deviation (``"std"``); † marks a task whose runs fell back
+    to the next lr because the chosen one diverged."""
+    if spread not in ("ci", "std"):
+        raise ValueError(f"spread {spread!r}: choose 'ci' or 'std'")
     groups = list(dict.fromkeys(g for _, g in tasks))
     header = ["method"] + [t for t, _ in tasks] + [f"{g} mean" for g in groups] + [MEAN_OF_GROUPS, MEAN_OF_TASKS]
     rows = []
     for s in summaries:
+        task_spread = s.task_ci if spread == "ci" else s.task_std
+        mog = s.mean_of_groups_ci if spread == "ci" else s.mean_of_groups_std
+        mot = s.mean_of_tasks_ci if spread == "ci" else s.mean_of_tasks_std
         rows.append([s.method]
-                    + [fmt_acc(s.task_mean.get(t), s.task_std.get(t)) for t, _ in tasks]
-                    + [fmt_acc(s.group_mean.get(g), s.group_std.get(g)) for g in groups]
-                    + [fmt_acc(s.mean_of_groups, s.mean_of_groups_std), fmt_acc(s.mean_of_tasks, s.mean_of_tasks_std)])
+                    + [fmt_acc(s.task_mean.get(t), task_spread.get(t)) + ("†" if t in s.fallback_tasks else "")
+                       for t, _ in tasks]
+                    + [fmt_acc(s.group_mean.get(g), None if spread == "ci" else s.group_std.get(g)) for g in groups]
+                    + [fmt_acc(s.mean_of_groups, mog), fmt_acc(s.mean_of_tasks, mot)])
+    return header, rows
+
+
+@dataclass
+class PairedDifference:
+    """``method`` − ``reference`` on the same seeds: per task and for the mean over tasks."""
+
+    method: str
+    reference: str
+    task: dict[str, tuple[float, float | None, int]] = field(default_factory=dict)  # mean, ci half-width, seeds
+    mean_of_tasks: tuple[float, float | None, int] | None = None
+
+
+def paired_differences(summaries: Sequence[MethodSummary], tasks: Sequence[tuple[str, str]], reference: str,
+                       ci: float = 0.95) -> list[PairedDifference]:
+    """Per-seed differences against ``reference`` (same task, same seed), averaged with a t-interval:
+    pairing removes what two runs of one seed share (data order, head init), so a gap is judged
+    against the spread of the differences, not of each column."""
+    ref = next((s for s in summaries if s.method == reference), None)
+    if ref is None:
+        return []
+    out = []
+    for s in summaries:
+        if s.method == reference:
+            continue
+        d = PairedDifference(s.method, reference)
+        per_seed_task: dict[int, dict[str, float]] = {}
+        for t, _ in tasks:
+            mine, theirs = s.per_seed.get(t, {}), ref.per_seed.get(t, {})
+            diffs = [mine[sd] - theirs[sd] for sd in sorted(set(mine) & set(theirs))]
+            for sd in sorted(set(mine) & set(theirs)):
+                per_seed_task.setdefault(sd, {})[t] = mine[sd] - theirs[sd]
+            if diffs:
+                d.task[t] = (float(np.mean(diffs)), ci_half_width(diffs, ci), len(diffs))
+        whole = [float(np.mean(list(v.values()))) for v in per_seed_task.values() if len(v) == len(tasks)]
+        if whole:
+            d.mean_of_tasks = (float(np.mean(whole)), ci_half_width(whole, ci), len(whole))
+        out.append(d)
+    return out
+
+
+def fmt_diff(value: tuple[float, float | None, int] | None) -> str:
+    """``+1.2 ± 0.8*``: the star marks an interval that excludes zero."""
+    if value is None:
+        return "—"
+    mean, half, _ = value
+    if half is None:
+        return f"{mean:+.1f}"
+    return f"{mean:+.1f} ± {half:.1f}" + ("*" if abs(mean) > half else "")
+
+
+def difference_table(diffs: Sequence[PairedDifference], tasks: Sequence[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
+    header = ["method"] + [t for t, _ in tasks] + [MEAN_OF_TASKS]
+    rows = [[f"{d.method} − {d.reference}"] + [fmt_diff(d.task.get(t)) for t, _ in tasks] + [fmt_diff(d.mean_of_tasks)]
+            for d in diffs]
     return header, rows
 
 
@@ -398,8 +489,14 @@ def plot_heatmaps(cells: Sequence[Cell], folder: Path) -> list[Path]:
 # the report
 
 
-def write_report(folder: str | Path, out: str | Path | None = None, *, plots: bool = True) -> dict[str, Any]:
-    """Write the tables and plots of a bench folder; returns {'markdown': text, 'files': [...]}."""
+def write_report(folder: str | Path, out: str | Path | None = None, *, plots: bool = True, ci: float = 0.95,
+                 reference: str | None = "lora") -> dict[str, Any]:
+    """Write the tables and plots of a bench folder; returns {'markdown': text, 'files': [...]}.
+
+    ``ci``: the level of the intervals over seeds; ``reference``: the column every other is
+    compared with, seed by seed (skipped when the bench has no such column)."""
+    if not 0 < ci < 1:
+        raise ValueError(f"ci={ci!r}: a confidence level between 0 and 1, e.g. 0.95")
     folder = Path(folder)
     out = Path(out) if out else folder
     manifest, cells = load_cells(folder)
@@ -407,60 +504,126 @@ def write_report(folder: str | Path, out: str | Path | None = None, *, plots: bo
     methods = manifest.get("methods") or list(dict.fromkeys(c.method for c in cells))
     if not cells:
         raise ValueError(f"{folder}: no finished cells yet (no results.json under it)")
-    summaries = summarize(cells, tasks, methods)
-    groups = list(dict.fromkeys(g for _, g in tasks))
+    summaries = summarize(cells, tasks, methods, ci=ci)
+    diffs = paired_differences(summaries, tasks, reference, ci) if reference else []
+    md = _report_head(manifest, tasks, ci) + _report_tables(summaries, diffs, tasks, ci) + _report_notes(manifest, summaries, cells)
     files: list[Path] = []
+    if plots:
+        plot_md, files = _report_plots(summaries, cells, tasks, out)
+        md += plot_md
+    text = "\n".join(md).rstrip() + "\n"
+    files += _write_tables(out, text, summaries, diffs, cells, tasks)
+    return {"markdown": text, "files": files, "summaries": summaries, "differences": diffs}
 
-    acc_header, acc_rows = accuracy_table(summaries, tasks)
-    cost_header, cost_rows = cost_table(summaries)
+
+def _report_head(manifest: dict[str, Any], tasks: Sequence[tuple[str, str]], ci: float) -> list[str]:
+    groups = list(dict.fromkeys(g for _, g in tasks))
     md = [f"# Benchmark: suite `{manifest.get('suite', '?')}`, model `{manifest.get('model', '?')}`", ""]
     if manifest.get("command"):
         md += [f"Command: `{manifest['command']}`", ""]
     seeds = manifest.get("seeds", [])
-    md += [f"Accuracy (%) on the final evaluation split ({manifest.get('final_eval', 'test')}), "
-           f"mean ± std over seeds {seeds} where more than one seed finished. "
-           f"Learning rate: {'selected on ' + manifest.get('select_eval', 'val') if manifest.get('lr_grid') else 'the method default unless the column label sets lr='}. "
-           f"'{MEAN_OF_GROUPS}' averages the {len(groups)} group means; '{MEAN_OF_TASKS}' averages all {len(tasks)} tasks.", ""]
-    md += [_md_table(acc_header, acc_rows), ""]
-    md += ["Costs (mean over the method's finished runs):", "", _md_table(cost_header, cost_rows), ""]
+    spread = (f"mean ± the half-width of the {100 * ci:g} % Student-t confidence interval over seeds {seeds} "
+              f"(per task; for the overall means, over the per-seed means)" if len(seeds) >= 2 else
+              f"one seed ({seeds}) per cell: no confidence interval (an interval needs at least 2 seeds), "
+              f"so no gap between columns can be told from seed noise")
+    lr = ("selected on " + str(manifest.get("select_eval", "val")) + f" ({manifest.get('select_scope', 'task')} scope)"
+          if manifest.get("lr_grid") else "the method default unless the column label sets lr=")
+    md += [f"Accuracy (%) on the final evaluation split ({manifest.get('final_eval', 'test')}), {spread}. "
+           f"Learning rate: {lr}. '{MEAN_OF_GROUPS}' averages the {len(groups)} group means; "
+           f"'{MEAN_OF_TASKS}' averages all {len(tasks)} tasks. Diverged runs are no result (left out).", ""]
+    return md
+
+
+def _report_tables(summaries: Sequence[MethodSummary], diffs: Sequence[PairedDifference],
+                   tasks: Sequence[tuple[str, str]], ci: float) -> list[str]:
+    md = [_md_table(*accuracy_table(summaries, tasks)), ""]
+    if diffs:
+        md += [f"Paired differences against `{diffs[0].reference}` (points; same task and seed; ± the "
+               f"{100 * ci:g} % interval over seeds; * = the interval excludes 0):", "",
+               _md_table(*difference_table(diffs, tasks)), ""]
+    md += ["Costs (mean over the method's finished runs):", "", _md_table(*cost_table(summaries)), ""]
+    return md
+
+
+def _report_notes(manifest: dict[str, Any], summaries: Sequence[MethodSummary], cells: Sequence[Cell]) -> list[str]:
+    md: list[str] = []
     missing = [(s.method, t) for s in summaries for t in s.missing]
     if missing:
         md += [f"Missing cells ({len(missing)}): " + ", ".join(f"{m}/{t}" for m, t in missing), ""]
     failed = manifest.get("failed") or {}
     if failed:
         md += ["Failed runs:", ""] + [f"- `{k}`: {v}" for k, v in sorted(failed.items())] + [""]
+    diverged = dict(manifest.get("diverged") or {})
+    diverged.update({c.run: c.diverged for c in cells if c.diverged})
+    if diverged:
+        md += ["Diverged runs (never selected, never a result):", ""]
+        md += [f"- `{k}`: {v}" for k, v in sorted(diverged.items())] + [""]
+    fallback = manifest.get("fallback") or {}
+    if fallback:
+        md += ["† Fell back to the next-ranked lr because the chosen one diverged on the final training:", ""]
+        md += [f"- {k}: lr {v['from']:g} → {v['to']:g} ({v['why']})" for k, v in sorted(fallback.items())] + [""]
     selection = manifest.get("selection") or {}
     if selection:
-        md += ["Learning rates chosen on validation (task/method → lr):", ""]
-        md += [f"- {k}: {v}" for k, v in sorted(selection.items())] + [""]
+        md += ["Learning rates chosen on validation (task/method → lr; `*` = one rate for the whole suite):", ""]
+        md += [f"- {k}: {v['lr'] if isinstance(v, dict) else v}"
+               + (f" (val {v.get('val_accuracy')})" if isinstance(v, dict) else "") for k, v in sorted(selection.items())]
+        md += [""]
+    stability = {k: v for k, v in (manifest.get("selection_stability") or {}).items() if k != "rounds"}
+    if stability:
+        rounds = manifest["selection_stability"].get("rounds")
+        md += [f"Selection stability: the share of {rounds} paired bootstrap redraws of the validation images "
+               "under which the rule picks the same lr (per task, averaged over tasks; and one rate for the suite):", "",
+               _md_table(["method", "per-task rule", "suite rule"],
+                         [[m, f"{v['task']:.2f}", "—" if v.get("suite") is None else f"{v['suite']:.2f}"]
+                          for m, v in stability.items()]), ""]
+    return md
 
-    if plots:
-        for key, label, name in (("params", "trainable parameters (with head)", "acc_vs_params.png"),
-                                 ("bytes", "bytes on disk", "acc_vs_bytes.png")):
-            p = plot_tradeoff(summaries, key, label, out / name)
-            if p:
-                files.append(p)
-                md.append(f"![accuracy vs {label}]({name})")
-        p = plot_groups(summaries, groups, out / "groups.png")
+
+def _report_plots(summaries: Sequence[MethodSummary], cells: Sequence[Cell], tasks: Sequence[tuple[str, str]],
+                  out: Path) -> tuple[list[str], list[Path]]:
+    md: list[str] = []
+    files: list[Path] = []
+    for key, label, name in (("params", "trainable parameters (with head)", "acc_vs_params.png"),
+                             ("bytes", "bytes on disk", "acc_vs_bytes.png")):
+        p = plot_tradeoff(summaries, key, label, out / name)
         if p:
             files.append(p)
-            md.append("![accuracy per group](groups.png)")
-        heat = plot_heatmaps(cells, out)
-        files += heat
-        md += [f"![{h.stem}](heatmaps/{h.name})" for h in heat]
-    text = "\n".join(md).rstrip() + "\n"
+            md.append(f"![accuracy vs {label}]({name})")
+    p = plot_groups(summaries, list(dict.fromkeys(g for _, g in tasks)), out / "groups.png")
+    if p:
+        files.append(p)
+        md.append("![accuracy per group](groups.png)")
+    heat = plot_heatmaps(cells, out)
+    files += heat
+    md += [f"![{h.stem}](heatmaps/{h.name})" for h in heat]
+    return md, files
 
-    acc_csv_rows = []
-    for s in summaries:
-        acc_csv_rows.append([s.method] + [_r(s.task_mean.get(t)) for t, _ in tasks]
-                            + [_r(s.group_mean.get(g)) for g in groups] + [_r(s.mean_of_groups), _r(s.mean_of_tasks)])
-    cost_csv_rows = [[s.method] + [_r(s.costs[k]) for k, _ in COST_COLUMNS] for s in summaries]
+
+def _write_tables(out: Path, text: str, summaries: Sequence[MethodSummary], diffs: Sequence[PairedDifference],
+                  cells: Sequence[Cell], tasks: Sequence[tuple[str, str]]) -> list[Path]:
+    groups = list(dict.fromkeys(g for _, g in tasks))
+    acc_header = ["method"] + [t for t, _ in tasks] + [f"{g} mean" for g in groups] + [MEAN_OF_GROUPS, MEAN_OF_TASKS]
+    acc_rows = [[s.method] + [_r(s.task_mean.get(t)) for t, _ in tasks] + [_r(s.group_mean.get(g)) for g in groups]
+                + [_r(s.mean_of_groups), _r(s.mean_of_tasks)] for s in summaries]
+    spread_header = ["method", "statistic"] + [t for t, _ in tasks] + [MEAN_OF_TASKS]
+    spread_rows = ([[s.method, "std"] + [_r(s.task_std.get(t)) for t, _ in tasks] + [_r(s.mean_of_tasks_std)]
+                    for s in summaries]
+                   + [[s.method, "ci_half_width"] + [_r(s.task_ci.get(t)) for t, _ in tasks] + [_r(s.mean_of_tasks_ci)]
+                      for s in summaries])
+    diff_header = ["method", "reference", "task", "mean_difference", "ci_half_width", "seeds"]
+    diff_rows = [[d.method, d.reference, t, _r(v[0]), _r(v[1]), v[2]]
+                 for d in diffs for t, v in [*d.task.items(), *([(MEAN_OF_TASKS, d.mean_of_tasks)] if d.mean_of_tasks else [])]]
+    cost_rows = [[s.method] + [_r(s.costs[k]) for k, _ in COST_COLUMNS] for s in summaries]
     cell_fields = ["task", "group", "method", "seed", "accuracy", "params", "params_no_head", "bytes", "bytes_no_head",
-                   "train_seconds", "cpu_seconds", "peak_memory_mb", "images_per_s", "lr", "run"]
+                   "train_seconds", "cpu_seconds", "peak_memory_mb", "images_per_s", "lr", "run", "diverged",
+                   "fallback_from"]
+    files = []
     for name, content in (("report.md", text),
-                          ("accuracy.csv", _csv_text(acc_header, acc_csv_rows)),
-                          ("costs.csv", _csv_text(["method"] + [k for k, _ in COST_COLUMNS], cost_csv_rows)),
+                          ("accuracy.csv", _csv_text(acc_header, acc_rows)),
+                          ("spread.csv", _csv_text(spread_header, spread_rows)),
+                          ("differences.csv", _csv_text(diff_header, diff_rows)),
+                          ("costs.csv", _csv_text(["method"] + [k for k, _ in COST_COLUMNS], cost_rows)),
                           ("cells.csv", _csv_text(cell_fields, ([getattr(c, f) for f in cell_fields] for c in cells)))):
         atomic_write_text(out / name, content)
         files.append(out / name)
-    return {"markdown": text, "files": files, "summaries": summaries}
+    return files

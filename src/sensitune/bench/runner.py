@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
+from sensitune.bench.selection import SCOPES, bootstrap_stability, choose_lr, rank_lrs, suite_accuracy, usable
 from sensitune.bench.suites import SuiteTask, suite_tasks
 from sensitune.engine.checkpoint import atomic_write_text
 
@@ -64,7 +65,9 @@ FORMAT = "sensitune-bench/1"
 DEFAULT_TRAIN = "sensitune.engine.pipeline:train"
 #: settings that must match when a bench folder is resumed
 IDENTITY = ("suite", "model", "data_root", "budget", "config", "overrides", "lr_grid", "tie_tolerance",
-            "engine_defaults")
+            "select_scope", "engine_defaults")
+#: what a bench folder made before a key existed meant by it
+IDENTITY_BEFORE = {"select_scope": "task"}
 
 
 def engine_defaults() -> dict[str, Any]:
@@ -140,18 +143,6 @@ def _describe_change(key: str, was: Any, now: Any) -> str:
     if key == "engine_defaults" and was is None:
         return "engine_defaults: not recorded (made by an older sensitune)"
     return f"{key}: was {was!r}, now {now!r}"
-
-
-def choose_lr(val_accuracy: dict[float, float | None], tie_tolerance: float = 1.0) -> float:
-    """The smallest lr whose val accuracy is within ``tie_tolerance`` points of the best.
-
-    Failed (diverged) rates carry ``None`` and are never chosen.
-    """
-    ok = {lr: acc for lr, acc in val_accuracy.items() if acc is not None and math.isfinite(acc)}
-    if not ok:
-        raise ValueError("every learning rate of the grid failed on validation")
-    best = max(ok.values())
-    return min(lr for lr, acc in ok.items() if acc >= best - tie_tolerance)
 
 
 def results_complete(run: Path) -> dict[str, Any] | None:
@@ -372,198 +363,362 @@ def _machine() -> dict[str, Any]:
             "processor": platform.processor() or platform.machine()}
 
 
-def run_bench(*, suite: str, model: str, methods: str | Sequence[str] | Sequence[MethodSpec], out: str | Path,
-              data_root: str | Path | None = None, tasks: Sequence[str] | None = None, budget: Any = None,
-              seeds: Sequence[int] = (0,), lr_grid: Sequence[float] | None = None, tie_tolerance: float = 1.0,
-              config: Any = None, overrides: dict[str, Any] | None = None, isolate: bool = True,
-              retry_failed: bool = False, progress: bool = True, train: str = DEFAULT_TRAIN,
-              command: str | None = None, echo: Callable[[str], None] | None = None, jobs: int = 1,
-              threads: int | None = None) -> dict[str, Any]:
+_DIVERGENCE_ERROR = re.compile(r"non-?finite|\bnan\b|\binf\b", re.IGNORECASE)
+
+
+def divergence_of(results: dict[str, Any] | None, error: str | None) -> str | None:
+    """Why a cell counts as diverged: its results say so, or it stopped on a non-finite loss."""
+    if results is not None and results.get("diverged"):
+        return str(results.get("divergence") or "diverged")
+    if results is None and error and _DIVERGENCE_ERROR.search(error):
+        return error
+    return None
+
+
+def _key(task: SuiteTask, spec: MethodSpec) -> str:
+    return f"{task.name}/{spec.label}"
+
+
+class Bench:
+    """One grid in one folder, run in named stages: lr selection on val200 (every cell, before any
+    final cell), the choice (per task or per suite, with its bootstrap stability), then the final
+    cells of each (task, method), falling back to the next-ranked lr when the chosen one diverges.
+
+    See :func:`run_bench` for the arguments; ``Bench(...).run()`` returns the manifest."""
+
+    def __init__(self, *, suite: str, model: str, methods: str | Sequence[str] | Sequence[MethodSpec],
+                 out: str | Path, data_root: str | Path | None = None, tasks: Sequence[str] | None = None,
+                 budget: Any = None, seeds: Sequence[int] = (0,), lr_grid: Sequence[float] | None = None,
+                 tie_tolerance: float = 1.0, select_scope: str = "task", config: Any = None,
+                 overrides: dict[str, Any] | None = None, isolate: bool = True, retry_failed: bool = False,
+                 progress: bool = True, train: str = DEFAULT_TRAIN, command: str | None = None,
+                 echo: Callable[[str], None] | None = None, jobs: int = 1, threads: int | None = None) -> None:
+        self.out = Path(out)
+        self.specs = (list(methods) if not isinstance(methods, str) and all(isinstance(m, MethodSpec) for m in methods)
+                      else parse_methods(methods))  # type: ignore[arg-type]
+        self.tasks = suite_tasks(suite, data_root, tasks)
+        self.seeds = [int(s) for s in seeds]
+        self.grid = sorted({float(x) for x in lr_grid}) if lr_grid else None
+        self.overrides = dict(overrides or {})
+        self.tie_tolerance, self.select_scope = float(tie_tolerance), select_scope
+        self.retry_failed, self.progress, self.train, self.command = retry_failed, progress, train, command
+        self.jobs, self.threads, self.isolate, self.config = jobs, threads, isolate, config
+        self.echo = echo or (lambda s: tqdm.write(s))
+        self._check()
+        self.identity = {
+            "suite": suite, "model": model, "data_root": None if data_root is None else str(data_root),
+            "budget": budget, "overrides": self.overrides, "lr_grid": self.grid, "tie_tolerance": self.tie_tolerance,
+            "config": None if config is None else str(config) if not isinstance(config, dict) else config,
+            "select_scope": select_scope, "engine_defaults": engine_defaults()}
+        self.model, self.budget = model, budget
+        self.lock = threading.RLock()
+        self.manifest: dict[str, Any] = {}
+        self.val: dict[str, dict[float, float | None]] = {}  # "task/method" -> lr -> val accuracy
+        self.val_diverged: dict[str, dict[float, str]] = {}
+        self.ranking: dict[str, list[float]] = {}
+
+    # -- settings ---------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if not self.seeds:
+            raise ValueError("--seeds: give at least one seed")
+        if self.grid and any("lr" in m.options for m in self.specs):
+            raise ValueError("a method's own lr (method:lr=...) and --lr-grid exclude each other")
+        if self.grid and any(x <= 0 for x in self.grid):
+            raise ValueError(f"--lr-grid: learning rates must be positive, got {self.grid}")
+        for key in ("lr", "seed", "protocol", "method_options"):
+            if key in self.overrides and (key != "lr" or self.grid):
+                raise ValueError(f"override {key!r} is set by the bench protocol per cell; drop it")
+        if self.select_scope not in SCOPES:
+            raise ValueError(f"--select {self.select_scope!r}: choose one of {', '.join(SCOPES)}")
+        if self.jobs < 1 or (self.threads is not None and self.threads < 1):
+            raise ValueError(f"--jobs and --threads must be >= 1 (got {self.jobs}, {self.threads})")
+        if self.jobs > 1 and not self.isolate:
+            raise ValueError("--jobs > 1 runs cells side by side in their own processes; drop --in-process")
+
+    def _previous(self) -> dict[str, Any]:
+        """The folder's earlier manifest, refused when it describes another experiment."""
+        path = self.out / "bench.json"
+        if not path.is_file():
+            return {}
+        previous = json.loads(path.read_text())
+        was = {k: previous.get(k, IDENTITY_BEFORE.get(k)) for k in IDENTITY}
+        diff = [_describe_change(k, was[k], self.identity[k]) for k in IDENTITY if was[k] != self.identity[k]]
+        if diff:
+            raise ValueError(f"{self.out} holds a bench with other settings (" + "; ".join(diff)
+                             + "); choose another --out folder")
+        return previous
+
+    def _new_manifest(self, previous: dict[str, Any]) -> dict[str, Any]:
+        old_cells = {(c["task"], c["method"], c["seed"]): c for c in previous.get("cells", [])}
+        cells = []
+        for c in self.final_cells:
+            entry = {"task": c.task.name, "group": c.task.group, "method": c.method.label, "seed": c.seed,
+                     "path": c.path}
+            entry.update({k: v for k, v in old_cells.get((entry["task"], entry["method"], c.seed), {}).items()
+                          if k in ("path", "lr", "fallback_from")})
+            cells.append(entry)
+        keep = ("failed", "selection", "cpu_seconds", "diverged", "fallback", "selection_stability")
+        return {
+            "format": FORMAT, **self.identity, "command": self.command,
+            "tasks": [{"task": t.name, "group": t.group, "source": t.task} for t in self.tasks],
+            "methods": [m.label for m in self.specs],
+            "method_specs": {m.label: {"name": m.name, "options": m.options} for m in self.specs},
+            "seeds": self.seeds, "select_eval": "val200" if self.grid else None, "final_eval": "test",
+            "isolated": self.isolate, "jobs": self.jobs, "threads": self.threads, "machine": _machine(),
+            "started": previous.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "cells": cells,
+            "select_cells": [{"task": c.task.name, "method": c.method.label, "lr": c.lr, "path": c.path}
+                             for c in self.select_cells],
+            **{k: dict(previous.get(k) or {}) for k in keep},
+        }
+
+    def save(self) -> None:
+        with self.lock:
+            self.manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            atomic_write_text(self.out / "bench.json", json.dumps(self.manifest, indent=2) + "\n")
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        if (not (self.out / "bench.json").is_file() and self.out.exists()
+                and any(p.name != "locks" for p in self.out.iterdir())):
+            raise ValueError(f"--out {self.out} is not empty and holds no bench (bench.json); choose a new folder")
+        self.final_cells = [_Cell(t, m, s, f"{t.name}/{m.folder}/seed{s}", "final")
+                            for t in self.tasks for m in self.specs for s in self.seeds]
+        self.select_cells = ([_Cell(t, m, self.seeds[0], f"{t.name}/{m.folder}/select/{_lr_folder(lr)}", "select", lr)
+                              for t in self.tasks for m in self.specs for lr in self.grid] if self.grid else [])
+        # one bench per folder, taken before bench.json is read: a second bench would overwrite the
+        # first's bench.json with its own view of the grid
+        with _locked(self.out / "locks" / "bench.lock", LOCK_GRACE, "another bench on this folder"):
+            self.manifest = self._new_manifest(self._previous())
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.save()
+            self.cells = _CellProcesses(_context()) if self.isolate else None
+            self.bar = tqdm(total=len(self.select_cells) + len(self.final_cells), desc="bench", unit="run",
+                            disable=not self.progress, dynamic_ncols=True)
+            units = [(t, m) for t in self.tasks for m in self.specs]
+            try:
+                if self.grid:
+                    self._each(self._select_unit, units)
+                    self._choose()
+                self._each(self._final_unit, units)
+            finally:
+                self.bar.close()
+                self.save()
+        return self.manifest
+
+    def _each(self, fn: Callable[[SuiteTask, MethodSpec], None], units: list[tuple[SuiteTask, MethodSpec]]) -> None:
+        """``fn`` over every unit, ``jobs`` at a time; a failure or Ctrl-C stops every running cell."""
+        try:
+            if self.jobs == 1:
+                for t, m in units:
+                    fn(t, m)
+                return
+            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+                futures = [pool.submit(fn, t, m) for t, m in units]
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    if self.cells:
+                        self.cells.stop()  # before the pool waits for its threads, which wait for their cells
+                    raise
+        except BaseException:
+            if self.cells:
+                self.cells.stop()
+            raise
+
+    # -- one cell -----------------------------------------------------------------------------------
+    def _kwargs(self, cell: _Cell, lr: float | None, path: str) -> dict[str, Any]:
+        """The train() call of a cell: the grid's settings, the column's own, the protocol's."""
+        from sensitune.methods import get_method
+
+        over = {**self.overrides, "seed": cell.seed, "protocol": "val" if cell.phase == "select" else "final",
+                "progress": False}
+        if lr is not None:
+            over["lr"] = lr
+        train_keys = _train_keys() | ({"lr"} if not self.grid else set())
+        over.update({k: v for k, v in cell.method.options.items() if k in train_keys})
+        planner = {k: v for k, v in cell.method.options.items() if k not in train_keys and k != "budget"}
+        budget = cell.method.options.get("budget", self.budget if get_method(cell.method.name).budget != "none" else None)
+        if planner:
+            over["method_options"] = planner
+        return dict(model=self.model, task=cell.task.task, method=cell.method.name, out=str(self.out / path),
+                    budget=None if budget is None else str(budget), config=self.config, **over)
+
+    def _run(self, cell: _Cell, lr: float | None, path: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
+        """Run one cell unless finished/failed; returns (results or None, divergence or None)."""
+        path = path or cell.path
+        run_dir = self.out / path
+        done = results_complete(run_dir)
+        with self.lock:
+            if done is not None or (path in self.manifest["failed"] and not self.retry_failed):
+                self.bar.update(1)
+                return done, divergence_of(done, self.manifest["failed"].get(path))
+            failure = self.manifest["failed"].pop(path, None)
+            self.bar.set_postfix_str(f"{cell.task.name} {cell.method.label} {cell.phase} seed {cell.seed}"
+                                     + (f" lr {lr:g}" if lr is not None else ""))
+        name = path.replace("/", "__")
+        log_path, lock_path = str(self.out / "logs" / f"{name}.log"), str(self.out / "locks" / f"{name}.lock")
+        t0 = time.perf_counter()
+        kwargs = self._kwargs(cell, lr, path)
+        outcome = (self.cells.run(self.train, kwargs, log_path, self.threads, lock_path, failure is not None)
+                   if self.cells else _run_cell(self.train, kwargs, log_path, [], self.threads, lock_path,
+                                                failure is not None))
+        if outcome.get("busy"):
+            if failure is not None:
+                with self.lock:
+                    self.manifest["failed"][path] = failure
+            raise CellBusy(outcome["busy"])
+        res = results_complete(run_dir) if outcome["ok"] else None
+        with self.lock:
+            self.bar.update(1)
+            if res is None:
+                self.manifest["failed"][path] = outcome.get("error") or "finished without a complete results.json"
+                self.echo(f"FAILED {path}: {self.manifest['failed'][path]} (log: {log_path})")
+            else:
+                if outcome.get("cpu_seconds") is not None:
+                    self.manifest["cpu_seconds"][path] = round(outcome["cpu_seconds"], 1)
+                self.echo(f"{cell.task.name:>14} {cell.method.label:<16} {cell.phase:<6} seed {cell.seed}"
+                          + (f" lr {res.get('lr', lr):<8g}" if lr is not None or self.grid else "")
+                          + f" {res.get('eval_split', ''):>14} acc {float(res['accuracy']):6.2f}%"
+                          + (" DIVERGED" if res.get("diverged") else "")
+                          + f"  ({time.perf_counter() - t0:.0f}s)")
+            diverged = divergence_of(res, self.manifest["failed"].get(path))
+            if diverged:
+                self.manifest["diverged"][path] = diverged
+            self.save()
+        return res, diverged
+
+    # -- stages -------------------------------------------------------------------------------------
+    def _select_unit(self, task: SuiteTask, spec: MethodSpec) -> None:
+        key = _key(task, spec)
+        val: dict[float, float | None] = {}
+        diverged: dict[float, str] = {}
+        for cell in (c for c in self.select_cells if c.task is task and c.method is spec):
+            res, why = self._run(cell, cell.lr)
+            val[cell.lr] = None if res is None else float(res["accuracy"])  # type: ignore[index]
+            if why:
+                diverged[cell.lr] = why  # type: ignore[index]
+        with self.lock:
+            self.val[key], self.val_diverged[key] = val, diverged
+
+    def _choose(self) -> None:
+        """The ranking of every (task, method) under the scope, recorded with its stability."""
+        selection: dict[str, Any] = {}
+        for spec in self.specs:
+            keys = [_key(t, spec) for t in self.tasks]
+            if self.select_scope == "suite":
+                means = suite_accuracy({k: self.val[k] for k in keys}, {k: self.val_diverged[k] for k in keys})
+                ranking = rank_lrs(means, self.tie_tolerance) if means else []
+                selection[f"*/{spec.label}"] = {"lr": ranking[0] if ranking else None, "ranking": ranking,
+                                                "val_accuracy": {f"{k:g}": v for k, v in means.items()},
+                                                "scope": "suite (mean over tasks)"}
+            for t, k in zip(self.tasks, keys):
+                if self.select_scope == "task":
+                    ok = usable(self.val[k], self.val_diverged[k])
+                    ranking = rank_lrs(ok, self.tie_tolerance) if ok else []
+                self.ranking[k] = ranking
+                selection[k] = {"lr": ranking[0] if ranking else None, "ranking": ranking,
+                                "val_accuracy": {f"{lr:g}": v for lr, v in self.val[k].items()},
+                                "diverged": {f"{lr:g}": why for lr, why in self.val_diverged[k].items()}}
+        stability = self._stability()
+        with self.lock:
+            self.manifest["selection"] = selection
+            self.manifest["selection_stability"] = stability
+            self.save()
+
+    def _stability(self, rounds: int = 1000) -> dict[str, Any]:
+        """Both scopes' bootstrap stability (the share of redraws of val200 keeping each choice), per
+        method: what a second draw of validation data would do to the rule in use and to the other."""
+        from sensitune.engine.evaluation import read_predictions
+
+        out: dict[str, Any] = {"rounds": rounds}
+        for spec in self.specs:
+            correct: dict[str, dict[float, Any]] = {}
+            for t in self.tasks:
+                k = _key(t, spec)
+                ok = usable(self.val[k], self.val_diverged[k])
+                by_lr = {}
+                for c in self.select_cells:
+                    if c.task is t and c.method is spec and c.lr in ok:
+                        files = sorted((self.out / c.path).glob("eval_*_predictions.csv"))
+                        if files:
+                            labels, preds = read_predictions(files[0])
+                            by_lr[c.lr] = [int(a == b) for a, b in zip(labels, preds)]
+                if len(by_lr) != len(ok) or not by_lr:
+                    break
+                correct[t.name] = by_lr
+            else:
+                if not correct:
+                    continue
+                per_task = {t.name: rank_lrs(usable(self.val[_key(t, spec)], self.val_diverged[_key(t, spec)]),
+                                             self.tie_tolerance)[0] for t in self.tasks}
+                task_share = bootstrap_stability(correct, per_task, "task", self.tie_tolerance, rounds)
+                means = suite_accuracy({t.name: self.val[_key(t, spec)] for t in self.tasks},
+                                       {t.name: self.val_diverged[_key(t, spec)] for t in self.tasks})
+                suite_share = (bootstrap_stability(correct, rank_lrs(means, self.tie_tolerance)[0], "suite",
+                                                   self.tie_tolerance, rounds)["suite"] if means else None)
+                out[spec.label] = {"task": round(float(sum(task_share.values()) / len(task_share)), 3),
+                                   "task_each": {k: round(v, 3) for k, v in task_share.items()},
+                                   "suite": None if suite_share is None else round(suite_share, 3)}
+        return out
+
+    def _final_unit(self, task: SuiteTask, spec: MethodSpec) -> None:
+        """Every seed at the chosen lr; when one diverges, every seed again at the next-ranked lr."""
+        key = _key(task, spec)
+        cells = [c for c in self.final_cells if c.task is task and c.method is spec]
+        if self.grid and not self.ranking.get(key):
+            with self.lock:
+                for c in cells:
+                    self.manifest["failed"][c.path] = "no lr selected: every lr failed or diverged on validation"
+                    self.bar.update(1)
+                self.save()
+            return
+        ranking: list[float | None] = list(self.ranking[key]) if self.grid else [None]
+        for i, lr in enumerate(ranking):
+            folder = None if i == 0 else f"{task.name}/{spec.folder}/fallback-{_lr_folder(lr)}"  # type: ignore[arg-type]
+            if i:
+                with self.lock:
+                    self.bar.total += len(cells)
+            why = [w for c in cells if (w := self._run(c, lr, folder and f"{folder}/seed{c.seed}")[1])]
+            self._record_final(cells, lr, folder, ranking[0], i)
+            if not why or i + 1 == len(ranking):
+                if why:
+                    self.echo(f"{key}: diverged at every usable lr; no result")
+                return
+            with self.lock:
+                self.manifest["fallback"][key] = {"from": ranking[0], "to": ranking[i + 1], "why": why[0][:300]}
+                self.echo(f"{key}: lr {lr:g} diverged on the final training ({why[0][:80]}); "
+                          f"falling back to {ranking[i + 1]:g}")
+                self.save()
+
+    def _record_final(self, cells: list[_Cell], lr: float | None, folder: str | None, chosen: float | None,
+                      i: int) -> None:
+        """Point the manifest's cells of this unit at the runs that now stand for them."""
+        with self.lock:
+            for entry in self.manifest["cells"]:
+                for c in cells:
+                    if (entry["task"], entry["method"], entry["seed"]) == (c.task.name, c.method.label, c.seed):
+                        entry["path"] = f"{folder}/seed{c.seed}" if folder else c.path
+                        entry["lr"] = lr
+                        if i:
+                            entry["fallback_from"] = chosen
+                        else:
+                            entry.pop("fallback_from", None)
+            self.save()
+
+
+def run_bench(**kwargs: Any) -> dict[str, Any]:
     """Run (or continue) the grid into ``out``; returns the manifest (also ``out/bench.json``).
 
     ``methods``: ``"a,b:key=value"`` or MethodSpecs; ``budget``: passed to budgeted methods only;
     ``overrides``: TrainConfig keys for every cell (e.g. epochs, img_size, batch_size);
-    ``train``: ``"module:function"`` with the signature of :func:`sensitune.engine.train`
-    (tests substitute a fake; the real engine is the default).
+    ``lr_grid`` + ``tie_tolerance`` + ``select_scope`` (``task`` | ``suite``): the lr selection on
+    val200 (:mod:`sensitune.bench.selection`); ``train``: ``"module:function"`` with the signature
+    of :func:`sensitune.engine.train` (tests substitute a fake; the real engine is the default).
     ``jobs``: (task, method) pairs run concurrently, each cell in its own process with
     ``threads`` torch threads (on a small CPU two 1-thread cells beat one 2-thread cell).
     """
-    from sensitune.methods import get_method
-
-    out = Path(out)
-    if isinstance(methods, str) or not all(isinstance(m, MethodSpec) for m in methods):
-        specs = parse_methods(methods)  # type: ignore[arg-type]
-    else:
-        specs = list(methods)  # type: ignore[arg-type]
-    task_list = suite_tasks(suite, data_root, tasks)
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("--seeds: give at least one seed")
-    grid = sorted({float(x) for x in lr_grid}) if lr_grid else None
-    if grid and any("lr" in m.options for m in specs):
-        raise ValueError("a method's own lr (method:lr=...) and --lr-grid exclude each other")
-    if grid and any(x <= 0 for x in grid):
-        raise ValueError(f"--lr-grid: learning rates must be positive, got {grid}")
-    overrides = dict(overrides or {})
-    for key in ("lr", "seed", "protocol", "method_options"):
-        if key in overrides and (key != "lr" or grid):
-            raise ValueError(f"override {key!r} is set by the bench protocol per cell; drop it")
-    echo = echo or (lambda s: tqdm.write(s))
-    if jobs < 1 or (threads is not None and threads < 1):
-        raise ValueError(f"--jobs and --threads must be >= 1 (got {jobs}, {threads})")
-    if jobs > 1 and not isolate:
-        raise ValueError("--jobs > 1 runs cells side by side in their own processes; drop --in-process")
-
-    identity = {"suite": suite, "model": model, "data_root": None if data_root is None else str(data_root),
-                "budget": budget, "config": None if config is None else str(config) if not isinstance(config, dict) else config,
-                "overrides": overrides, "lr_grid": grid, "tie_tolerance": tie_tolerance,
-                "engine_defaults": engine_defaults()}
-    manifest_path = out / "bench.json"
-    if not manifest_path.is_file() and out.exists() and any(p.name != "locks" for p in out.iterdir()):
-        raise ValueError(f"--out {out} is not empty and holds no bench (bench.json); choose a new folder")
-    # one bench per folder, taken before bench.json is read: a second bench would overwrite the
-    # first's bench.json with its own view of the grid
-    with _locked(out / "locks" / "bench.lock", LOCK_GRACE, "another bench on this folder"):
-        previous: dict[str, Any] = {}
-        if manifest_path.is_file():
-            previous = json.loads(manifest_path.read_text())
-            diff = [_describe_change(k, previous.get(k), identity[k])
-                    for k in IDENTITY if previous.get(k) != identity[k]]
-            if diff:
-                raise ValueError(f"{out} holds a bench with other settings (" + "; ".join(diff)
-                                 + "); choose another --out folder")
-
-        final_cells = [_Cell(t, m, s, f"{t.name}/{m.folder}/seed{s}", "final")
-                       for t in task_list for m in specs for s in seeds]
-        select_cells = ([_Cell(t, m, seeds[0], f"{t.name}/{m.folder}/select/{_lr_folder(lr)}", "select", lr)
-                         for t in task_list for m in specs for lr in grid] if grid else [])
-        manifest: dict[str, Any] = {
-            "format": FORMAT, **identity, "command": command,
-            "tasks": [{"task": t.name, "group": t.group, "source": t.task} for t in task_list],
-            "methods": [m.label for m in specs],
-            "method_specs": {m.label: {"name": m.name, "options": m.options} for m in specs},
-            "seeds": seeds, "select_eval": "val200" if grid else None, "final_eval": "test",
-            "isolated": isolate, "jobs": jobs, "threads": threads, "machine": _machine(),
-            "started": previous.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "cells": [{"task": c.task.name, "group": c.task.group, "method": c.method.label, "seed": c.seed,
-                       "path": c.path} for c in final_cells],
-            "select_cells": [{"task": c.task.name, "method": c.method.label, "lr": c.lr, "path": c.path}
-                             for c in select_cells],
-            "failed": dict(previous.get("failed") or {}),
-            "selection": dict(previous.get("selection") or {}),
-            "cpu_seconds": dict(previous.get("cpu_seconds") or {}),
-        }
-
-        def save() -> None:
-            manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
-
-        out.mkdir(parents=True, exist_ok=True)
-        save()
-        cells = _CellProcesses(_context()) if isolate else None
-        lock = threading.RLock()
-        bar = tqdm(total=len(select_cells) + len(final_cells), desc="bench", unit="run", disable=not progress,
-                   dynamic_ncols=True)
-
-        def run(cell: _Cell, lr: float | None) -> dict[str, Any] | None:
-            """Run one cell unless finished/failed; returns its results (None when failed)."""
-            run_dir = out / cell.path
-            done = results_complete(run_dir)
-            with lock:
-                if done is not None or (cell.path in manifest["failed"] and not retry_failed):
-                    bar.update(1)
-                    return done
-                failure = manifest["failed"].pop(cell.path, None)
-                retrying = failure is not None
-            method = get_method(cell.method.name)
-            cell_over = {**overrides, "seed": cell.seed, "protocol": "val" if cell.phase == "select" else "final",
-                         "progress": False}
-            if lr is not None:
-                cell_over["lr"] = lr
-            train_keys = _train_keys() | ({"lr"} if not grid else set())
-            cell_over.update({k: v for k, v in cell.method.options.items() if k in train_keys})
-            planner = {k: v for k, v in cell.method.options.items() if k not in train_keys and k != "budget"}
-            cell_budget = cell.method.options.get("budget", budget if method.budget != "none" else None)
-            if planner:
-                cell_over["method_options"] = planner
-            kwargs = dict(model=model, task=cell.task.task, method=cell.method.name, out=str(run_dir),
-                          budget=None if cell_budget is None else str(cell_budget), config=config,
-                          **cell_over)
-            with lock:
-                bar.set_postfix_str(f"{cell.task.name} {cell.method.label} {cell.phase} seed {cell.seed}"
-                                    + (f" lr {lr:g}" if lr is not None else ""))
-            log_path = str(out / "logs" / (cell.path.replace("/", "__") + ".log"))
-            lock_path = str(out / "locks" / (cell.path.replace("/", "__") + ".lock"))
-            t0 = time.perf_counter()
-            outcome = (cells.run(train, kwargs, log_path, threads, lock_path, retrying) if cells
-                       else _run_cell(train, kwargs, log_path, [], threads, lock_path, retrying))
-            if outcome.get("busy"):
-                if retrying:
-                    with lock:
-                        manifest["failed"][cell.path] = failure
-                raise CellBusy(outcome["busy"])
-            res = results_complete(run_dir) if outcome["ok"] else None
-            with lock:
-                bar.update(1)
-                if res is None:
-                    manifest["failed"][cell.path] = outcome.get("error") or "finished without a complete results.json"
-                    echo(f"FAILED {cell.path}: {manifest['failed'][cell.path]} (log: {log_path})")
-                else:
-                    if outcome.get("cpu_seconds") is not None:
-                        manifest["cpu_seconds"][cell.path] = round(outcome["cpu_seconds"], 1)
-                    echo(f"{cell.task.name:>14} {cell.method.label:<16} {cell.phase:<6} seed {cell.seed}"
-                         + (f" lr {res.get('lr', lr):<8g}" if lr is not None or grid else "")
-                         + f" {res.get('eval_split', ''):>14} acc {float(res['accuracy']):6.2f}%"
-                         + f"  ({time.perf_counter() - t0:.0f}s)")
-                save()
-            return res
-
-        def unit(task: SuiteTask, spec: MethodSpec) -> None:
-            """One (task, method): its lr selection (if any), then its final cells, in that order."""
-            lr_choice: float | None = None
-            if grid:
-                val = {}
-                for cell in (c for c in select_cells if c.task is task and c.method is spec):
-                    res = run(cell, cell.lr)
-                    val[cell.lr] = None if res is None else float(res["accuracy"])
-                try:
-                    lr_choice = choose_lr(val, tie_tolerance)
-                except ValueError as exc:
-                    with lock:
-                        for cell in (c for c in final_cells if c.task is task and c.method is spec):
-                            manifest["failed"][cell.path] = f"no lr selected: {exc}"
-                            bar.update(1)
-                        save()
-                    return
-                with lock:
-                    manifest["selection"][f"{task.name}/{spec.label}"] = {
-                        "lr": lr_choice, "val_accuracy": {f"{k:g}": v for k, v in val.items()}}
-                    save()
-            for cell in (c for c in final_cells if c.task is task and c.method is spec):
-                run(cell, lr_choice)
-
-        units = [(t, m) for t in task_list for m in specs]
-        try:
-            if jobs == 1:
-                for t, m in units:
-                    unit(t, m)
-            else:
-                with ThreadPoolExecutor(max_workers=jobs) as pool:
-                    futures = [pool.submit(unit, t, m) for t, m in units]
-                    try:
-                        for f in futures:
-                            f.result()
-                    except BaseException:
-                        for f in futures:
-                            f.cancel()
-                        if cells:
-                            cells.stop()  # before the pool waits for its threads, which wait for their cells
-                        raise
-        except BaseException:
-            if cells:
-                cells.stop()
-            raise
-        finally:
-            bar.close()
-            save()
-        return manifest
+    return Bench(**kwargs).run()

@@ -29,11 +29,15 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Every (task, method, seed) cell is one `sensitune train` run in its own folder under --out;\n"
                     "finished cells are skipped when the command is run again. With --lr-grid the learning\n"
-                    "rate is chosen per (task, method) on train800 -> val200 (near-ties within --tie-tolerance\n"
-                    "points go to the smaller lr), then each seed trains on train800val200 and reports test.\n"
+                    "rate is chosen on train800 -> val200 per (task, method), or per method with --select suite\n"
+                    "(near-ties within --tie-tolerance points go to the smaller lr; a diverged run is never\n"
+                    "chosen), then each seed trains on train800val200 and reports test; when the chosen lr\n"
+                    "diverges there, every seed falls back to the next-ranked lr (marked † in the report).\n"
                     "A method may carry options: bi-lora:bits=32 (planner option), gps:score_batches=8\n"
                     "(training setting for that column only).\n\nmethods:\n" + describe())
-    p.add_argument("--suite", required=True, choices=SUITES)
+    p.add_argument("--suite", required=True, metavar="|".join(SUITES) + "|DIR",
+                   help="a named suite, or a folder whose task folders form the suite (grouped by an optional "
+                        "groups.txt: 'task group' per line)")
     p.add_argument("--data-root", metavar="DIR", help="folder with one folder per task (vtab1k, fgvc)")
     p.add_argument("--tasks", metavar="A,B", help="only these tasks of the suite")
     p.add_argument("--model", default="efficientnet_lite0", metavar="NAME",
@@ -45,6 +49,12 @@ def register(subparsers) -> None:
     p.add_argument("--lr-grid", type=_floats, metavar="1e-3,1e-2", help="learning rates to select from on val200")
     p.add_argument("--tie-tolerance", type=float, default=1.0, metavar="POINTS",
                    help="val accuracies within this many points count as tied (default 1.0)")
+    p.add_argument("--select", choices=("task", "suite"), default="task",
+                   help="choose the lr per (task, method) or one per method from the mean over tasks (default task)")
+    p.add_argument("--ci", type=float, metavar="LEVEL",
+                   help="confidence level of the report's intervals over seeds (default 0.95; needs >= 2 seeds)")
+    p.add_argument("--reference", default="lora", metavar="METHOD",
+                   help="column every other is compared with seed by seed in the report (default lora)")
     p.add_argument("--out", required=True, metavar="DIR", help="results folder (created; reused to continue)")
     p.add_argument("--config", metavar="FILE", help="YAML settings for every cell, or a recipe: paper, mini")
     p.add_argument("--pretrained", metavar="auto|none|PATH")
@@ -74,18 +84,22 @@ def _key_value(text: str):
 def run(args: argparse.Namespace) -> int:
     from sensitune.bench import run_bench, write_report
 
+    if args.ci is not None and len(args.seeds) < 2:
+        raise ValueError(f"--ci {args.ci:g}: a confidence interval needs at least 2 seeds, got --seeds "
+                         f"{','.join(map(str, args.seeds))}; add seeds (e.g. --seeds 0,1,2) or drop --ci")
     overrides = {k: getattr(args, k) for k in ("pretrained", "img_size", "epochs", "batch_size", "device")
                  if getattr(args, k) is not None}
     overrides.update(dict(args.set))
     manifest = run_bench(
         suite=args.suite, model=args.model, methods=args.methods, out=args.out, data_root=args.data_root,
         tasks=args.tasks.split(",") if args.tasks else None, budget=args.budget, seeds=args.seeds,
-        lr_grid=args.lr_grid, tie_tolerance=args.tie_tolerance, config=args.config, overrides=overrides,
+        lr_grid=args.lr_grid, tie_tolerance=args.tie_tolerance, select_scope=args.select, config=args.config,
+        overrides=overrides,
         isolate=not args.in_process, jobs=args.jobs, threads=args.threads, retry_failed=args.retry_failed, progress=not args.no_progress,
         command="sensitune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None)
     failed = manifest.get("failed") or {}
     if not args.no_report:
-        report = write_report(args.out)
+        report = write_report(args.out, ci=args.ci or 0.95, reference=args.reference)
         print(report["markdown"])
         print(f"report -> {args.out}/report.md")
     if failed:

@@ -45,7 +45,7 @@ DEMO = {
 #: fine-tuning's head trains at 1e-2 (val200 experiment).
 FULL_METHODS = ("linear,lora:lr=0.01,spt-lora,gps:lr=0.005,bi-lora,bi-lora:lr=0.003:bits=32,bi-lora:bits=32,"
                 "spt-lora:budget=182272,lora,bitfit,adapter:lr=0.003,adaptformer:lr=0.003,spt-adapter:lr=0.003,"
-                "topk-sparse:lr=0.005,bi-adaptformer:lr=0.01,full:head_lr=0.01")
+                "topk-sparse:lr=0.005,bi-adaptformer:lr=0.01,full:head_lr=0.01,ssf:lr=0.005")
 
 
 def register(subparsers) -> None:

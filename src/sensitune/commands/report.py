@@ -23,6 +23,10 @@ def register(subparsers) -> None:
                    help="entries to place: 400000, 0.4M, 400k, or 0.5%% of the backbone (default 0.4M)")
     p.add_argument("--png", metavar="FILE", help="heat map to write (default: PATH with _heatmap.png)")
     p.add_argument("--title", default="", help="heat map title")
+    p.add_argument("--ci", type=float, default=0.95, metavar="LEVEL",
+                   help="bench folders: confidence level of the intervals over seeds (default 0.95)")
+    p.add_argument("--reference", default="lora", metavar="METHOD",
+                   help="bench folders: the column others are compared with seed by seed (default lora)")
     p.set_defaults(func=run)
 
 
@@ -33,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if path.is_dir() and (path / "bench.json").is_file():  # a `sensitune bench` results folder
         from sensitune.bench.report import write_report
 
-        report = write_report(path)
+        report = write_report(path, ci=args.ci, reference=args.reference)
         print(report["markdown"])
         print(f"report -> {path / 'report.md'} ({len(report['files'])} files)")
         return 0
