@@ -91,3 +91,21 @@ def test_suite_scope_chooses_one_rate_per_method_from_the_mean_over_tasks(tmp_pa
         bench(tmp_path, methods="lora", seeds=[0], lr_grid=[1e-3, 1e-2], overrides=over)
     with pytest.raises(ValueError, match="choose one of task, suite"):
         bench(tmp_path / "x", methods="lora", seeds=[0], lr_grid=[1e-3], select_scope="global", overrides=over)
+
+
+def test_a_grid_of_factors_scales_each_columns_own_lr(tmp_path):
+    from sensitune.bench.runner import parse_lr_grid
+
+    assert parse_lr_grid(["x2", "x0.5"]) == ([0.5, 2.0], True) and parse_lr_grid([1e-3]) == ([1e-3], False)
+    for bad, msg in ((["x2", "1e-3"], "not both"), (["x0"], "positive"), (["fast"], "expected numbers")):
+        with pytest.raises(ValueError, match=msg):
+            parse_lr_grid(bad)
+    val = {"digits": {f"{lr:g}": 80.0 for lr in (5e-4, 2e-3, 5e-3, 2e-2)}}
+    over = {"calls_file": str(tmp_path / "calls.jsonl"), "epochs": 1, "val_table": val}
+    manifest = bench(tmp_path, methods="lora,linear:lr=0.01", tasks=["digits"], seeds=[0], lr_grid=["x0.5", "x2"],
+                     overrides=over)
+    select = sorted((c["method"], c["lr"]) for c in calls(tmp_path / "calls.jsonl") if c["protocol"] == "val")
+    # lora's preset lr is 1e-3, the linear column's own 1e-2; the column's lr is never a planner option
+    assert select == [("linear", 5e-3), ("linear", 2e-2), ("lora", 5e-4), ("lora", 2e-3)]
+    assert all(c["options"] is None for c in calls(tmp_path / "calls.jsonl"))
+    assert manifest["lr_grid"] == ["x0.5", "x2"] and manifest["selection"]["digits/linear:lr=0.01"]["lr"] == 5e-3

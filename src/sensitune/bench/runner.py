@@ -375,6 +375,24 @@ def divergence_of(results: dict[str, Any] | None, error: str | None) -> str | No
     return None
 
 
+def parse_lr_grid(grid: Sequence[float | str] | None) -> tuple[list[float] | None, bool]:
+    """(sorted values, relative?): learning rates (``1e-3``) or factors of each column's own lr
+    (``"x0.5"``); the two kinds do not mix."""
+    if not grid:
+        return None, False
+    items = [str(g).strip() for g in grid]
+    relative = [i.lower().startswith(("x", "×")) for i in items]
+    if any(relative) and not all(relative):
+        raise ValueError(f"--lr-grid {','.join(items)}: give learning rates or factors (x0.5,x2), not both")
+    try:
+        values = sorted({float(i[1:] if r else i) for i, r in zip(items, relative)})
+    except ValueError:
+        raise ValueError(f"--lr-grid {','.join(items)}: expected numbers like 1e-3 or factors like x0.5") from None
+    if any(v <= 0 or not math.isfinite(v) for v in values):
+        raise ValueError(f"--lr-grid: learning rates and factors must be positive, got {','.join(items)}")
+    return values, all(relative)
+
+
 def _key(task: SuiteTask, spec: MethodSpec) -> str:
     return f"{task.name}/{spec.label}"
 
@@ -398,7 +416,7 @@ class Bench:
                       else parse_methods(methods))  # type: ignore[arg-type]
         self.tasks = suite_tasks(suite, data_root, tasks)
         self.seeds = [int(s) for s in seeds]
-        self.grid = sorted({float(x) for x in lr_grid}) if lr_grid else None
+        self.grid, self.relative = parse_lr_grid(lr_grid)
         self.overrides = dict(overrides or {})
         self.tie_tolerance, self.select_scope = float(tie_tolerance), select_scope
         self.retry_failed, self.progress, self.train, self.command = retry_failed, progress, train, command
@@ -407,7 +425,8 @@ class Bench:
         self._check()
         self.identity = {
             "suite": suite, "model": model, "data_root": None if data_root is None else str(data_root),
-            "budget": budget, "overrides": self.overrides, "lr_grid": self.grid, "tie_tolerance": self.tie_tolerance,
+            "budget": budget, "overrides": self.overrides, "tie_tolerance": self.tie_tolerance,
+            "lr_grid": ([f"x{f:g}" for f in self.grid] if self.relative else self.grid) if self.grid else None,
             "config": None if config is None else str(config) if not isinstance(config, dict) else config,
             "select_scope": select_scope, "engine_defaults": engine_defaults()}
         self.model, self.budget = model, budget
@@ -418,13 +437,25 @@ class Bench:
         self.ranking: dict[str, list[float]] = {}
 
     # -- settings ---------------------------------------------------------------------------------
+    def lrs_of(self, spec: MethodSpec) -> list[float]:
+        """The learning rates a column is selected from: the grid, or its factors times the column's own lr
+        (``method:lr=...``, else the method's default)."""
+        if not self.grid:
+            return []
+        if not self.relative:
+            return list(self.grid)
+        from sensitune.engine.config import TrainConfig
+        from sensitune.methods import get_method
+
+        base = float(spec.options.get("lr", get_method(spec.name).train.get("lr", TrainConfig().lr)))
+        return sorted({float(f"{base * f:.6g}") for f in self.grid})
+
     def _check(self) -> None:
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
-        if self.grid and any("lr" in m.options for m in self.specs):
-            raise ValueError("a method's own lr (method:lr=...) and --lr-grid exclude each other")
-        if self.grid and any(x <= 0 for x in self.grid):
-            raise ValueError(f"--lr-grid: learning rates must be positive, got {self.grid}")
+        if self.grid and not self.relative and any("lr" in m.options for m in self.specs):
+            raise ValueError("a method's own lr (method:lr=...) and an absolute --lr-grid exclude each other "
+                             "(a grid of factors, e.g. x0.5,x1,x2, scales each column's own lr)")
         for key in ("lr", "seed", "protocol", "method_options"):
             if key in self.overrides and (key != "lr" or self.grid):
                 raise ValueError(f"override {key!r} is set by the bench protocol per cell; drop it")
@@ -485,7 +516,7 @@ class Bench:
         self.final_cells = [_Cell(t, m, s, f"{t.name}/{m.folder}/seed{s}", "final")
                             for t in self.tasks for m in self.specs for s in self.seeds]
         self.select_cells = ([_Cell(t, m, self.seeds[0], f"{t.name}/{m.folder}/select/{_lr_folder(lr)}", "select", lr)
-                              for t in self.tasks for m in self.specs for lr in self.grid] if self.grid else [])
+                              for t in self.tasks for m in self.specs for lr in self.lrs_of(m)] if self.grid else [])
         # one bench per folder, taken before bench.json is read: a second bench would overwrite the
         # first's bench.json with its own view of the grid
         with _locked(self.out / "locks" / "bench.lock", LOCK_GRACE, "another bench on this folder"):
@@ -540,7 +571,7 @@ class Bench:
             over["lr"] = lr
         train_keys = _train_keys() | ({"lr"} if not self.grid else set())
         over.update({k: v for k, v in cell.method.options.items() if k in train_keys})
-        planner = {k: v for k, v in cell.method.options.items() if k not in train_keys and k != "budget"}
+        planner = {k: v for k, v in cell.method.options.items() if k not in train_keys and k not in ("budget", "lr")}
         budget = cell.method.options.get("budget", self.budget if get_method(cell.method.name).budget != "none" else None)
         if planner:
             over["method_options"] = planner

@@ -6,13 +6,6 @@ import shlex
 import sys
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -46,7 +39,8 @@ def register(subparsers) -> None:
                    help="comma-separated methods (default: all)")
     p.add_argument("--budget", help="budget for the budgeted methods (e.g. 0.4M, 0.5%%); others take none")
     p.add_argument("--seeds", type=_ints, default=[0], metavar="0,1,2", help="seeds (mean ± std over them)")
-    p.add_argument("--lr-grid", type=_floats, metavar="1e-3,1e-2", help="learning rates to select from on val200")
+    p.add_argument("--lr-grid", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], metavar="1e-3,1e-2",
+                   help="learning rates to select from on val200, or factors of each column's own lr (x0.5,x1,x2)")
     p.add_argument("--tie-tolerance", type=float, default=1.0, metavar="POINTS",
                    help="val accuracies within this many points count as tied (default 1.0)")
     p.add_argument("--select", choices=("task", "suite"), default="task",
