@@ -65,6 +65,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            train={"lr": 2e-3}),
     Method("bi-lora", "1-bit LoRA (rank 32) on the q and v slices of qkv", "bi-lora", train={"lr": 1e-3}),
     Method("bi-adaptformer", "1-bit AdaptFormer (rank 32)", "bi-adaptformer", train={"lr": 1e-3}),
+    Method("ssf", "SSF: per-channel scale and shift after every biased Linear/Conv and norm layer", "ssf",
+           train={"lr": 5e-3}),
 ]}
 
 

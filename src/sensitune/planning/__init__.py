@@ -3,7 +3,7 @@
 ``make_plan(model, scores, method, budget=None, **options)``; methods:
 ``spt-lora``, ``spt-adapter`` (budget), ``gps`` (K), ``topk-sparse`` (budget) use scores;
 ``linear``, ``full``, ``bitfit``, ``lora``, ``adapter``, ``adaptformer``, ``bi-lora``,
-``bi-adaptformer`` do not. A budget is a count (``400000``, ``"0.4M"``, ``"400k"``) or a share
+``bi-adaptformer``, ``ssf`` do not. A budget is a count (``400000``, ``"0.4M"``, ``"400k"``) or a share
 of the backbone's parameters, head excluded (``"0.5%"``).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ _SCORED: dict[str, Callable[..., Plan]] = {
 _PRESETS: dict[str, Callable[..., Plan]] = {
     "linear": _simple.linear, "full": _simple.full, "bitfit": _simple.bitfit, "lora": _simple.lora,
     "adapter": _simple.adapter, "adaptformer": _simple.adaptformer, "bi-lora": _simple.bi_lora,
-    "bi-adaptformer": _simple.bi_adaptformer,
+    "bi-adaptformer": _simple.bi_adaptformer, "ssf": _simple.ssf,
 }
 METHODS: tuple[str, ...] = tuple(_SCORED) + tuple(_PRESETS)
 

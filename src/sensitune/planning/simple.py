@@ -1,4 +1,4 @@
-"""Preset plans that need no scores: linear, full, bitfit, lora, adapter, adaptformer, bi-lora, bi-adaptformer.
+"""Preset plans that need no scores: linear, full, bitfit, lora, adapter, adaptformer, bi-lora, bi-adaptformer, ssf.
 
 Defaults (each overridable by keyword):
 * ``lora``/``adapter``: rank 8, scale 1, targets = every Linear weight outside head and
@@ -11,6 +11,10 @@ Defaults (each overridable by keyword):
 * ``bi-lora``: LoRA on the q and v slices of fused qkv (models without qkv: the default
   targets), rank 32, 1 bit, dropout 0.1, scale 1.0 (the engine searches s).
 * ``bi-adaptformer``: AdaptFormer rank 32, 1 bit, dropout 0.1.
+* ``ssf``: SSF (Lian et al., 2022) after every Linear/Conv2d that has a bias and every norm layer
+  with an affine weight and bias, outside the head (ViT: patch embedding, qkv, proj, fc1, fc2,
+  norm1, norm2, the final norm; CNNs without conv biases: every BatchNorm); ``targets=REGEX``
+  selects by module name. Bias-free convs are left out: merging needs a bias to fold β into.
 Every preset trains the head (``head=False`` to freeze it, ``head_bits`` to quantise it).
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from sensitune.planning.common import Context, default_matrix_targets, head_units, make, match_targets
 from sensitune.planning.plan import Plan, Unit
 from sensitune.tuners.adapter import block_dims, is_vit_block
+from sensitune.tuners.modes.ssf import ssf_kind
 
 #: class names of CNN blocks that get a parallel AdaptFormer
 CNN_BLOCKS = {"DepthwiseSeparableConv", "InvertedResidual", "EdgeResidual", "CondConvResidual"}
@@ -127,3 +132,34 @@ def bi_lora(ctx: Context, rank: int = 32, bits: int = 1, scale: float = 1.0, dro
 def bi_adaptformer(ctx: Context, rank: int = 32, bits: int = 1, scale: float = 1.0, dropout: float = 0.1,
                    **kw: Any) -> Plan:
     return adaptformer(ctx, rank=rank, bits=bits, scale=scale, dropout=dropout, method="bi-adaptformer", **kw)
+
+
+def ssf_modules(ctx: Context, targets: Any = None) -> list[tuple[str, int]]:
+    """(module name, channels) of every module an SSF can follow and fold into, outside the head."""
+    head_modules = {n.rsplit(".", 1)[0] for n in ctx.head}
+    rx = None
+    if targets is not None:
+        pattern = targets if isinstance(targets, str) else "|".join(f"(?:{t})" for t in targets)
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"ssf: targets {pattern!r} is not a valid regular expression ({exc})") from exc
+    out = []
+    for name, module in ctx.model.named_modules():
+        if not name or name in head_modules or (rx is not None and not rx.search(name)):
+            continue
+        try:
+            ssf_kind(module)
+        except ValueError:
+            continue
+        out.append((name, int(module._parameters["bias"].shape[0])))
+    if not out:
+        raise ValueError("ssf: no Linear/Conv2d with a bias or norm layer with an affine weight and bias"
+                         + (f" matches targets {rx.pattern!r}" if rx is not None else " in this model"))
+    return out
+
+
+def ssf(ctx: Context, targets: Any = None, head: bool = True, head_bits: int = 32) -> Plan:
+    """SSF: a per-channel scale and shift after the chosen operations (see :mod:`sensitune.tuners.ssf`)."""
+    units = [Unit(name, "ssf", (c,)) for name, c in ssf_modules(ctx, targets)]
+    return make(ctx, "ssf", units + head_units(ctx, head, head_bits), options={"targets": targets})

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from sensitune.tuners.adapter import Bottleneck
-from sensitune.tuners.modes.base import DROP_PATH, DROPOUT, RANK, SCALE, WEIGHT_BITS, Mode
+from sensitune.tuners.modes.base import DROP_PATH, DROPOUT, RANK, SCALE, WEIGHT_BITS, Mode, tensor_infos
 from sensitune.tuners.modes.lora import add_keyed, matrix_module
 
 
@@ -40,3 +40,10 @@ class Adapter(Mode):
             d_out, d_out, unit.rank, act="gelu", bias=True, scale=unit.scale, dropout=unit.dropout,
             drop_path=unit.drop_path, bits=unit.bits, channel_dim=1 if isinstance(mod, nn.Conv2d) else -1,
             device=w.device, dtype=w.dtype))
+
+    def examples(self, model: nn.Module):
+        from sensitune.tuners.plan import Unit
+
+        mats = [i for i in tensor_infos(model, "matrix") if i.layer in ("linear", "conv") and i.groups == 1]
+        return [Unit(mats[-1].name, "adapter", mats[-1].shape, rank=2),
+                Unit(mats[1].name, "adapter", mats[1].shape, rank=2, bits=4)]

@@ -49,3 +49,14 @@ class AdaptFormer(Mode):
                         drop_path=unit.drop_path, bits=unit.bits, channel_dim=1 if cnn else -1, stride=stride,
                         device=ref.device, dtype=ref.dtype)
         attach_adaptformer(module, ad.train(module.training))
+
+    def examples(self, model: nn.Module):
+        from sensitune.tuners.plan import Unit
+
+        blocks = [(n, m) for n, m in model.named_modules() if n and is_vit_block(m)]
+        if not blocks:  # a CNN: blocks that have convs and a residual-style name (blocks.i.j)
+            blocks = [(n, m) for n, m in model.named_modules()
+                      if n.count(".") == 2 and n.startswith("blocks.") and any(isinstance(c, nn.Conv2d) for c in m.modules())]
+        (first, fb), (last, lb) = blocks[0], blocks[-1]
+        return [Unit(first, "adaptformer", block_dims(fb), rank=2),
+                Unit(last, "adaptformer", block_dims(lb), rank=2, bits=2, scale=0.5)]

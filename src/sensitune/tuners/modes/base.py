@@ -208,6 +208,18 @@ class Mode:
         """The storage-report part of a trained tensor with ``role``."""
         return self.parts.get(role, role)
 
+    # ------------------------------------------------------------------ examples
+    def examples(self, model: nn.Module) -> list["Unit"]:
+        """A few small units of this mode for ``model`` (a ViT or a CNN), covering its variants.
 
-def new_parameter(like: Tensor, shape: tuple[int, ...], fill: float) -> nn.Parameter:
-    return nn.Parameter(torch.full(shape, fill, dtype=like.dtype, device=like.device))
+        The test matrix (tests/tuners/test_modes.py) runs every registered mode through attach,
+        count, bytes, merge, save/load and export with these, so a new mode must provide them.
+        """
+        raise NotImplementedError(f"mode {self.name!r} provides no example units")
+
+
+def tensor_infos(model: nn.Module, kind: str, layer: str | None = None):
+    """The model's tunable tensors of ``kind`` (and ``layer``), in model order (for examples)."""
+    from sensitune.models import tunable_tensors
+
+    return [i for i in tunable_tensors(model) if i.kind == kind and (layer is None or i.layer == layer)]

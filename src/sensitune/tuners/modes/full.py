@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from sensitune.tuners.modes.base import Mode
+from sensitune.tuners.modes.base import Mode, tensor_infos
 
 
 class Full(Mode):
@@ -23,3 +23,10 @@ class Full(Mode):
 
     def root_tensor(self, shell: nn.Module, unit) -> Tensor | None:
         return shell._parameters[unit.leaf]
+
+    def examples(self, model: nn.Module):
+        from sensitune.tuners.plan import Unit
+
+        matrix = tensor_infos(model, "matrix")[0]
+        vector = tensor_infos(model, "vector")[-1]
+        return [Unit(matrix.name, "full", matrix.shape), Unit(vector.name, "full", vector.shape)]

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from sensitune.tuners.host import tuning_state
 from sensitune.tuners.lora import quantized
-from sensitune.tuners.modes.base import Mode, Option, valid_bits
+from sensitune.tuners.modes.base import Mode, Option, tensor_infos, valid_bits
 
 HEAD_BITS = Option("bits", int, 32, "width of the head's weight matrix (32 = float)", valid_bits, omit_default=True)
 
@@ -41,3 +41,9 @@ class Head(Mode):
 
     def root_tensor(self, shell: nn.Module, unit) -> Tensor | None:
         return shell._parameters[unit.leaf]
+
+    def examples(self, model: nn.Module):
+        from sensitune.tuners.plan import Unit
+
+        weight, *rest = tensor_infos(model, "head")
+        return [Unit(weight.name, "head", weight.shape, bits=1)] + [Unit(i.name, "head", i.shape) for i in rest]

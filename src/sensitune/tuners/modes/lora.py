@@ -6,7 +6,7 @@ from torch import nn
 
 from sensitune.tuners.host import conv_geometry, tuning_state
 from sensitune.tuners.lora import LoRA
-from sensitune.tuners.modes.base import DROP_PATH, DROPOUT, RANK, SCALE, WEIGHT_BITS, Mode, packed_nbytes
+from sensitune.tuners.modes.base import DROP_PATH, DROPOUT, RANK, SCALE, WEIGHT_BITS, Mode, packed_nbytes, tensor_infos
 
 
 def matrix_module(module: nn.Module, unit, what: str) -> nn.Module:
@@ -71,3 +71,17 @@ class Lora(Mode):
         for key, lora in module.lora.items():
             rows = state.slices[key] or (0, w.shape[0])
             w2[rows[0]:rows[1]] += lora.delta_weight()
+
+    def examples(self, model: nn.Module):
+        from sensitune.tuners.plan import Unit
+
+        mats = [i for i in tensor_infos(model, "matrix") if i.layer in ("linear", "conv") and i.groups == 1]
+        units = [Unit(mats[-1].name, "lora", mats[-1].shape, rank=2, scale=0.5)]
+        fused = [i for i in mats if i.slices]
+        if fused:  # q and v slices of a fused qkv, one of them 1-bit
+            q, _, v = fused[0].slices
+            units += [Unit(fused[0].name, "lora", fused[0].shape, slice="q", slice_rows=(q.start, q.stop), rank=2),
+                      Unit(fused[0].name, "lora", fused[0].shape, slice="v", slice_rows=(v.start, v.stop), rank=3, bits=1)]
+        else:  # a k x k conv, 1-bit
+            units.append(Unit(mats[0].name, "lora", mats[0].shape, rank=2, bits=1))
+        return units

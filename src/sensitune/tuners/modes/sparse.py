@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from sensitune.io import index_dtype
 from sensitune.tuners.host import tuning_state
-from sensitune.tuners.modes.base import Mode
+from sensitune.tuners.modes.base import Mode, tensor_infos
 from sensitune.tuners.sparse import SparseIndex, scatter_delta
 
 
@@ -49,3 +49,12 @@ class Sparse(Mode):
         w = shell._parameters[unit.leaf]
         merged = scatter_delta(w, getattr(shell, f"{unit.leaf}_delta"), getattr(shell, f"{unit.leaf}_delta_index"))
         return nn.Parameter(merged, requires_grad=False)
+
+    def examples(self, model: nn.Module):
+        from sensitune.tuners.plan import Unit
+
+        g = torch.Generator().manual_seed(0)
+        picks = [tensor_infos(model, "matrix")[-1], tensor_infos(model, "vector")[0]]
+        picks += [i for i in tensor_infos(model, "matrix", "conv") if i.groups > 1][:1]  # a depthwise kernel
+        return [Unit(i.name, "sparse", i.shape, indices=torch.randperm(i.numel, generator=g)[:max(2, i.numel // 50)])
+                for i in picks]

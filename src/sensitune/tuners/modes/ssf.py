@@ -75,3 +75,16 @@ class ScaleShift(Mode):
         for leaf in ("weight", "bias"):
             state.saved.setdefault(leaf, module._parameters[leaf].detach().clone())
         module.ssf.fold_into(module._parameters["weight"], module._parameters["bias"])
+
+    def examples(self, model: nn.Module):
+        from sensitune.tuners.plan import Unit
+
+        sites = []
+        for name, module in model.named_modules():
+            try:
+                sites.append((name, ssf_kind(module), int(module._parameters["bias"].shape[0])))
+            except ValueError:
+                continue
+        norm = next(s for s in sites if s[1] == "affine")
+        layers = [s for s in sites if s[1] == "output"][:2]  # e.g. a patch embedding conv and a Linear
+        return [Unit(name, "ssf", (c,)) for name, _, c in [norm, *layers]]
