@@ -48,17 +48,37 @@ def test_real_engine_cells_feed_the_report(tmp_path):
     assert linear.costs["bytes"] == results["linear"]["delta_bytes_on_disk"] > 0
 
 
-def test_demo_full_grid_is_every_method_plus_the_twin_and_the_equal_budget_column(tmp_path):
+def test_demo_sizes_bench_has_the_claims_columns_and_full_covers_every_method(tmp_path):
+    import argparse
+
     import pytest
 
     from sensitune.bench.runner import parse_methods
-    from sensitune.commands.demo import DEMO, FULL_METHODS
+    from sensitune.commands.demo import DEMO, FULL_METHODS, SIZES, TASKS, plan
     from sensitune.methods import METHODS
 
     specs = parse_methods(FULL_METHODS)
     assert {s.name for s in specs} == set(METHODS)
     assert {s.label for s in parse_methods(DEMO["methods"])} <= {s.label for s in specs}  # the demo is a subset
-    assert any(s.name == "bi-lora" and s.options.get("bits") == 32 for s in specs)
-    assert any(s.name == "spt-lora" and "budget" in s.options for s in specs)
+
+    def call(size, **kw):
+        args = dict(size=size, methods=None, tasks=None, epochs=None, img_size=64, jobs=2, threads=1, out=None,
+                    no_progress=True)
+        return plan(argparse.Namespace(**{**args, **kw}))
+
+    bench = call("bench")
+    names = [(s.name, s.options) for s in parse_methods(bench["methods"])]
+    for needed in ("linear", "full", "lora", "spt-lora", "gps", "bi-lora"):
+        assert any(n == needed for n, _ in names)
+    assert ("spt-lora", {"budget": 182272}) in names and ("bi-lora", {"bits": 32}) in names
+    assert len(bench["seeds"]) >= 3 and bench["select_scope"] == "suite" and bench["lr_grid"]
+    assert "textures" not in bench["tasks"] and bench["tasks"] == list(TASKS)
+    demo = call("demo")
+    assert demo["seeds"] == [0] and demo["overrides"]["train_split"] == "val200" and not demo["lr_grid"]
+    # one recipe family: what differs is data, epochs, batch and seeds, nothing else
+    same = {k for k in demo["overrides"] if k not in ("train_split", "epochs", "batch_size")}
+    assert all(demo["overrides"][k] == bench["overrides"][k] for k in same)
+    assert {s.label for s in parse_methods(SIZES["bench-extra"]["methods"])}.isdisjoint(
+        {s.label for s in parse_methods(bench["methods"])})
     with pytest.raises(SystemExit, match="exclude each other"):
         main(["demo", "--full", "--methods", "linear", "--out", str(tmp_path / "x")])
