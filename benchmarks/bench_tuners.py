@@ -73,17 +73,30 @@ class Config:
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # CPU time of the stepping thread: robust to a shared machine at 1 thread
 
-    def step(self, x, y):
+    def step(self, x, y, autocast: torch.dtype | None = None, sync: bool = True):
+        """One training step; the forward under ``autocast`` (e.g. torch.bfloat16) when given.
+
+        Returns the loss as a float, or with ``sync=False`` as a tensor (no host-device sync, so
+        a GPU keeps queueing steps; benchmarks/bench_device.py times those with CUDA events).
+        """
         if self.input_grad:
             x = x.detach().clone().requires_grad_(True)
-        loss = F.cross_entropy(self.model(x), y)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         for p, m in self.masks.items():  # GPS reference: dense gradient, zeroed outside the selection
             p.grad.mul_(m)
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss.detach()) if sync else loss.detach()
+
+    def to(self, device: torch.device) -> "Config":
+        """Move the model (the optimizer's parameters move with it; its state is created lazily) and masks."""
+        self.model.to(device)
+        self.masks = {p: m.to(device) for p, m in self.masks.items()}
+        return self
 
     def optimizer_bytes(self) -> int:
         if self.optimizer is None:
