@@ -1,8 +1,13 @@
-"""Shared tiny fixtures for the engine tests: a small ViT and a small random image task."""
+"""Shared tiny fixtures for the engine tests: a small ViT, a small random image task, and a
+small task folder in the VTAB-1k layout."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import timm
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 
@@ -68,3 +73,25 @@ def same_history(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for ra, rb in zip(a, b):
         assert {k: v for k, v in ra.items() if k not in skip} == {k: v for k, v in rb.items() if k not in skip}
+
+
+def make_vtab(root: Path, sizes=None, classes: int = 3, size: int = 32) -> Path:
+    """A small task folder in the VTAB-1k layout: class c has a bright vertical band c."""
+    sizes = sizes or {"train800": 24, "val200": 12, "test": 12}
+    rng = np.random.default_rng(0)
+    lists = {}
+    for split, n in sizes.items():
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(n):
+            c = i % classes
+            img = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
+            img[:, c * size // classes:(c + 1) * size // classes] += 150
+            rel = f"images/{split}/{i:06d}.png"
+            Image.fromarray(img).save(root / rel)
+            rows.append(f"{rel} {c}")
+        lists[split] = rows
+    lists["train800val200"] = lists["train800"] + lists["val200"]
+    for split, rows in lists.items():
+        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return root

@@ -5,38 +5,15 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from engine_helpers import make_vtab
 from sensitune.cli import main as cli_main
 from sensitune.engine.pipeline import evaluate_run, train
 
 FAST = dict(pretrained="none", img_size=32, epochs=2, batch_size=8, progress=False, lr=3e-3)
 MODEL = "test_vit"  # timm's tiny test ViT: 64 wide, 6 blocks
-
-
-def make_vtab(root: Path, sizes=None, classes: int = 3, size: int = 32) -> Path:
-    """A small task folder in the VTAB-1k layout: class c has a bright vertical band c."""
-    sizes = sizes or {"train800": 24, "val200": 12, "test": 12}
-    rng = np.random.default_rng(0)
-    lists = {}
-    for split, n in sizes.items():
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        rows = []
-        for i in range(n):
-            c = i % classes
-            img = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
-            img[:, c * size // classes:(c + 1) * size // classes] += 150
-            rel = f"images/{split}/{i:06d}.png"
-            Image.fromarray(img).save(root / rel)
-            rows.append(f"{rel} {c}")
-        lists[split] = rows
-    lists["train800val200"] = lists["train800"] + lists["val200"]
-    for split, rows in lists.items():
-        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")

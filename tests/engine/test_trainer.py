@@ -144,7 +144,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss .* epoch 2, step 2") as err:
         fit(model, data, cfg(epochs=3), out_dir=tmp_path, log=lambda s: None)
     assert (f"the last checkpoint with finite weights is kept: {tmp_path / 'checkpoints' / 'last.pt'} "
-            f"(epoch 1, step 0 of it, global step 2)") in str(err.value)
+            f"(after global step 2, the end of epoch 1)") in str(err.value)
     assert "\n" not in str(err.value)  # one line for the CLI
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0 and len(ckpt["history"]) == 1
@@ -173,7 +173,7 @@ def test_non_finite_weights_after_an_update_stop_training_and_are_never_saved(tm
     msg = str(err.value)
     assert msg.startswith("training stopped: non-finite weights in 1 of ")
     assert "(e.g. head.weight) after the update at epoch 2, step 3 (global step 7)" in msg
-    assert "kept: " in msg and "(epoch 1, step 0 of it, global step 4)" in msg
+    assert "kept: " in msg and "(after global step 4, the end of epoch 1)" in msg
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["global_step"] == 4
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())

@@ -35,10 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from sensitune.artifacts import format_storage, read_delta, resolve_delta_dir
     from sensitune.artifacts.export import export
 
+    from sensitune.commands._checks import refuse_non_finite_delta
+
     folder = resolve_delta_dir(args.run)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
+    refuse_non_finite_delta(read_delta(folder), folder)
     result = export(folder, out, args.fmt, partial=args.partial, force=args.force)
     delta = read_delta(folder)
     print(f"exported {delta.method} delta from {folder} as {args.fmt} -> {result.out} "

@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--top must be >= 1, got {args.top}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from sensitune.commands._checks import refuse_non_finite_delta
+
     folder = resolve_delta_dir(args.delta)
     delta = read_delta(folder)
+    refuse_non_finite_delta(delta, folder)
     images = _open_images(args.images)
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_delta(None, folder, force=args.force).to(device).eval()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import yaml
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         overrides[key] = value
     results = train(args.model, args.task, args.method, args.out, budget=args.budget, config=args.config,
                     resume=args.resume, overwrite=args.overwrite, **overrides)
-    if results:
+    if results and int(os.environ.get("RANK", "0")) == 0:  # under torchrun the summary is rank 0's alone
         keys = ("task_name", "method", "eval_split", "accuracy", "trainable_params", "trainable_params_without_head",
                 "wall_seconds", "images_per_s", "peak_memory_mb")
         print(json.dumps({k: results.get(k) for k in keys}, indent=2))

@@ -29,7 +29,12 @@ class TaskDataError(ValueError):
     def combine(cls, problems: Iterable["TaskDataError"], what: str) -> "TaskDataError":
         """One error listing every problem (each with its file and line); ``what`` names the
         data they were found in (e.g. ``split train800 of task dtd``)."""
-        flat = [p for e in problems for p in e.problems]
+        seen: set[str] = set()
+        flat = []
+        for p in (p for e in problems for p in e.problems):  # a task-wide problem found by two splits once
+            if str(p) not in seen:
+                seen.add(str(p))
+                flat.append(p)
         if not flat:
             raise ValueError("combine() needs at least one problem")
         if len(flat) == 1:

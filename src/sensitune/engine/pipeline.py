@@ -15,6 +15,14 @@ writes its output into the run folder, so a run can be inspected, resumed or re-
 Protocol: ``protocol="val"`` (default) trains on train800 and evaluates val200 — the split used
 to select hyper-parameters; ``protocol="final"`` trains on train800val200 and reports test.
 Scores are computed on the training split only, so nothing is ever selected on test.
+
+Order of work: everything that can be checked is checked before any scoring, planning,
+training or writing — budget syntax and range, method options (names and types, read off the
+planner's signature), settings, batch size against the split, every image of every split the
+run reads (decoded in full), the folder's state. A refused run writes nothing, and a run folder
+whose run never started training (no checkpoint, no results: a setup that failed) never blocks
+the next command: it is cleared and reused. Resuming a finished run with other settings is
+refused, listing them (see README, "Resuming a run").
 """
 from __future__ import annotations
 
@@ -32,7 +40,16 @@ from torch.utils.data import Dataset
 from sensitune.engine.checkpoint import atomic_write_text, load_checkpoint, load_trainable_state
 from sensitune.engine.config import TrainConfig, build_config
 from sensitune.engine.evaluation import evaluate_model
-from sensitune.engine.trainer import distributed, divergence, fit, peak_memory_mb, resolve_device
+from sensitune.engine.trainer import (
+    describe_diff,
+    distributed,
+    divergence,
+    fit,
+    nonfinite_tensors,
+    peak_memory_mb,
+    resolve_device,
+    settings_diff,
+)
 from sensitune.methods import Method, get_method
 
 RUN_FORMAT = "sensitune-run/1"
@@ -64,11 +81,34 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
 
 
-def prepare_run_dir(out: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
-    """Check ``out`` may hold this run; returns True when an earlier attempt is to be resumed.
+def _started(out: Path) -> bool:
+    """Whether the run in ``out`` got as far as training (a checkpoint or its results exist)."""
+    return (out / "checkpoints" / "last.pt").is_file() or (out / "results.json").is_file()
 
-    A folder holding another run is refused unless ``resume`` (same run: continue) or
-    ``overwrite`` (start again); a non-empty folder that is not a run is never touched.
+
+def _read_marker(marker: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _identity_diff(previous: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    return [f"{k}: was {previous.get(k)!r}, now {identity.get(k)!r}" for k in IDENTITY_KEYS
+            if previous.get(k) != identity.get(k)]
+
+
+def check_run_dir(out: Path, identity: dict[str, Any], cfg: TrainConfig, *, resume: bool, overwrite: bool) -> str:
+    """What to do with ``out``; decides everything and changes nothing (clearing comes later,
+    once the whole run has been validated).
+
+    ``new``: absent or empty. ``clear``: a run folder to empty first (``overwrite``, or a run
+    that never started training: a failed setup leaves nothing worth keeping, so it never
+    blocks the corrected command). ``resume``: continue it (a run that never started training is
+    resumed only with the same identity and settings, reusing its scores and plan).
+    ``complete``: resuming a finished run with the same settings returns its results; with other
+    settings it is refused, listing them. A non-empty folder that is not a run is never touched.
     """
     if resume and overwrite:
         raise ValueError("choose either resume or overwrite, not both")
@@ -76,7 +116,7 @@ def prepare_run_dir(out: Path, identity: dict[str, Any], *, resume: bool, overwr
     if not out.exists():
         if resume:
             raise FileNotFoundError(f"cannot resume: {out} does not exist")
-        return False
+        return "new"
     if not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
     if not marker.is_file():
@@ -84,49 +124,118 @@ def prepare_run_dir(out: Path, identity: dict[str, Any], *, resume: bool, overwr
             raise ValueError(f"output folder {out} is not empty and holds no sensitune run; choose a new folder")
         if resume:
             raise FileNotFoundError(f"cannot resume: {out} holds no run")
-        return False
+        return "new"
     if overwrite:
-        for child in out.iterdir():  # only a folder we recognise as a run is cleared
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        return False
+        return "clear"
+    previous = _read_marker(marker)
+    if not _started(out):
+        same = (previous is not None and not _identity_diff(previous, identity)
+                and not settings_diff(previous.get("config") or {}, cfg))
+        return "resume" if resume and same else "clear"
     if not resume:
         raise ValueError(f"output folder {out} already holds a run ({marker}); pass --resume to continue it "
                          f"or --overwrite to start again")
-    previous = read_json(marker)
-    diff = [f"{k}: was {previous.get(k)!r}, now {identity.get(k)!r}" for k in IDENTITY_KEYS
-            if previous.get(k) != identity.get(k)]
+    if previous is None:
+        raise ValueError(f"cannot resume {out}: {marker} is not readable JSON")
+    diff = _identity_diff(previous, identity)
     if diff:
         raise ValueError(f"cannot resume {out}: it holds a different run (" + "; ".join(diff) + ")")
-    return True
+    results = out / "results.json"
+    if results.is_file():
+        changed = settings_diff(read_json(results).get("config") or {}, cfg)
+        if changed:
+            raise ValueError(f"cannot resume {out}: the run is complete and these settings differ from it: "
+                             f"{describe_diff(changed)}. A finished run is not continued (its learning-rate "
+                             f"schedule has run its course): train into another --out, or pass --overwrite to "
+                             f"replace it")
+        return "complete"
+    return "resume"
+
+
+def clear_run_dir(out: Path) -> None:
+    """Empty a folder recognised as a run (``check_run_dir`` said ``clear``)."""
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 # -- stages ------------------------------------------------------------------------------------------
-def _open_splits(task: Any, cfg: TrainConfig, model: nn.Module, train_split: str, eval_split: str,
-                 log: Callable[[str], None]) -> tuple[Dataset, Dataset, Dataset, dict[str, Any]]:
-    """(train data with training transform, train data with eval transform, eval data, task facts)."""
-    from sensitune.data import build_transform, open_task, resolve_task
-    from sensitune.models import data_config
+def _open_data(task: Any, cfg: TrainConfig, info: Any, splits: tuple[str, ...]) -> dict[str, Dataset]:
+    """Open and validate every split the run reads, each image decoded in full (rank 0 does the
+    decoding under torchrun); the problems of all splits are raised together."""
+    from sensitune.data import TaskDataError, open_task
 
-    img_size = cfg.img_size
-    dc = data_config(model, img_size)
-    train_tf = build_transform(dc, img_size=img_size, train=True, augment=cfg.augment)
-    eval_tf = build_transform(dc, img_size=img_size, train=False)
-    train = open_task(task, train_split, transform=train_tf, data_root=cfg.data_root)
-    train_plain = open_task(task, train_split, transform=eval_tf, data_root=cfg.data_root, verify=False)
-    ev = open_task(task, eval_split, transform=eval_tf, data_root=cfg.data_root)
-    facts = {"name": train.name, "group": train.group, "num_classes": train.num_classes,
-             "class_names": list(train.class_names), "root": str(train.root),
-             "sizes": {train_split: len(train), eval_split: len(ev)}, "data_config": dc}
-    return train, train_plain, ev, facts
+    wanted = tuple(dict.fromkeys(splits))
+
+    def check() -> dict[str, Dataset]:
+        opened: dict[str, Dataset] = {}
+        problems: list[TaskDataError] = []
+        for split in wanted:
+            try:
+                opened[split] = open_task(task, split, data_root=cfg.data_root)
+            except TaskDataError as exc:
+                problems.append(exc)
+        if problems:
+            raise TaskDataError.combine(problems, f"the splits this run reads ({', '.join(wanted)})")
+        return opened
+
+    if info.world == 1:
+        return check()
+
+    def check_only() -> None:  # rank 0's verdict is broadcast; the datasets stay on each rank
+        check()
+
+    _on_main(info, check_only)
+    return {split: open_task(task, split, data_root=cfg.data_root, verify=False) for split in wanted}
 
 
-def _task_facts(task: Any, cfg: TrainConfig) -> dict[str, Any]:
-    """Class count and whether the task is a built-in mini task, before the model exists."""
-    from sensitune.data import DEFAULT_MINI_IMG_SIZE, open_task, resolve_task
+def _check_settings(m: Method, cfg: TrainConfig, info: Any) -> None:
+    """The checks that need neither data nor model: augmentation, method options, batch vs processes."""
+    from sensitune.data import AUGMENTATIONS
 
-    _, _, builtin = resolve_task(task, data_root=cfg.data_root)
-    probe = open_task(task, cfg.splits()[0], data_root=cfg.data_root, verify=False)
-    return {"num_classes": probe.num_classes, "builtin": builtin, "mini_img_size": DEFAULT_MINI_IMG_SIZE}
+    if cfg.augment is not None and cfg.augment not in AUGMENTATIONS:
+        raise ValueError(f"config: augment={cfg.augment!r} is unknown; choose one of {', '.join(AUGMENTATIONS)}")
+    m.check_options(cfg.method_options, _score_options(m, cfg, info))
+    if cfg.batch_size % info.world:
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the number of "
+                         f"processes {info.world}")
+
+
+def _check_batch(cfg: TrainConfig, n_train: int, train_split: str, info: Any) -> None:
+    """A training split must give at least one batch (``fit`` would find out only at training)."""
+    if cfg.drop_last and n_train < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training split {train_split} "
+                         f"({n_train} images): no full batch; lower --batch-size or --set drop_last=false")
+    if n_train < info.world:
+        raise ValueError(f"the training split {train_split} has {n_train} images, fewer than the {info.world} "
+                         f"processes")
+
+
+def _check_budget_range(budget: Any, net: nn.Module) -> None:
+    """A budget larger than the backbone (head excluded) is refused before scoring."""
+    from sensitune.planning.budget import parse_budget
+    from sensitune.planning.common import context
+
+    backbone = context(net).backbone_params
+    count = parse_budget(budget, backbone, available=10**30)
+    if count > backbone:
+        raise ValueError(f"budget {budget!r} = {count:,} parameters is more than the whole backbone "
+                         f"({backbone:,} parameters, head excluded)")
+
+
+def _score_options(m: Method, cfg: TrainConfig, info: Any) -> dict[str, Any]:
+    """What the scorer is called with (its preset options, then the run's settings)."""
+    opts = {**m.score_options, "seed": cfg.seed, "progress": cfg.progress and info.is_main}
+    if m.scorer in GRADIENT_SCORERS:  # scoring normalises as training will
+        opts.setdefault("batchnorm", "train" if cfg.norm_stats == "batch" else "eval")
+    if cfg.score_batches is not None:
+        opts["batches"] = cfg.score_batches
+    if cfg.score_batch_size is not None:
+        opts["batch_size"] = cfg.score_batch_size
+    return opts
+
+
+def _quiet(_: str) -> None:
+    """The log of every process but rank 0 (a torchrun run reports once)."""
 
 
 def _build_model(model: str | nn.Module, num_classes: int, cfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
@@ -234,39 +343,66 @@ def train(
     """
     t0 = time.perf_counter()
     m = get_method(method)
-    budget = m.check_budget(budget)
+    budget = m.check_budget(budget)  # syntax, at least one parameter, a share within (0, 100] %
     cfg = build_config(m.train, config, overrides)
     out = Path(out)
     info = distributed(cfg.device)
+    if not info.is_main:
+        log = _quiet
     stage_seconds: dict[str, float] = {}
 
-    from sensitune.data import AUGMENTATIONS
+    # 1. validate everything before any work and before anything is written
+    t = time.perf_counter()
+    from sensitune.data import DEFAULT_MINI_IMG_SIZE, build_transform, resolve_task
 
-    if cfg.augment is not None and cfg.augment not in AUGMENTATIONS:
-        raise ValueError(f"config: augment={cfg.augment!r} is unknown; choose one of {', '.join(AUGMENTATIONS)}")
-    facts = _task_facts(task, cfg)
-    if cfg.img_size is None and facts["builtin"]:
-        cfg.img_size = facts["mini_img_size"]  # the built-in tasks are small images
+    _check_settings(m, cfg, info)
+    _, _, builtin = resolve_task(task, data_root=cfg.data_root)
+    if cfg.img_size is None and builtin:
+        cfg.img_size = DEFAULT_MINI_IMG_SIZE  # the built-in tasks are small images
     train_split, eval_split = cfg.splits()
     identity = {"format": RUN_FORMAT, "model": model if isinstance(model, str) else type(model).__name__,
                 "task": str(task), "method": m.name, "budget": budget}
-    resuming = _on_main(info, lambda: prepare_run_dir(out, identity, resume=resume, overwrite=overwrite))
-    if resuming and (out / "results.json").is_file():
-        log(f"{out}: run already complete; returning its results")
+    action = _on_main(info, lambda: check_run_dir(out, identity, cfg, resume=resume, overwrite=overwrite))
+    if action == "complete":
+        log(f"{out}: run already complete with these settings; returning its results")
         return read_json(out / "results.json")
-
-    # model and data (a bad model name, split or augmentation fails here, before run.json exists)
-    t = time.perf_counter()
+    resuming = action == "resume"
+    data = _open_data(task, cfg, info, (train_split, eval_split))
+    train_set, eval_set = data[train_split], data[eval_split]
+    _check_batch(cfg, len(train_set), train_split, info)
     torch.manual_seed(cfg.seed)  # a fresh head / random init is part of the run's seed
-    net, source = _build_model(model, facts["num_classes"], cfg)
-    from sensitune.models import weights_fingerprint
+    net, source = _build_model(model, train_set.num_classes, cfg)
+    if budget is not None:
+        _check_budget_range(budget, net)
+    from sensitune.models import data_config, weights_fingerprint
+    from sensitune.planning import Plan, make_plan
 
+    plan_path = out / "plan.json"
+    early_plan = None
+    if m.scorer is None and not (resuming and plan_path.is_file()):
+        # a plan without scores is cheap: making it now checks every option against the model
+        early_plan = make_plan(net, None, m.plan, budget=budget, **{**m.plan_options, **cfg.method_options})
     base_fingerprint = weights_fingerprint(net)
-    train_data, train_plain, eval_data, task_info = _open_splits(task, cfg, net, train_split, eval_split, log)
+    dc = data_config(net, cfg.img_size)
+    eval_tf = build_transform(dc, img_size=cfg.img_size, train=False)
+    train_data = train_set.with_transform(build_transform(dc, img_size=cfg.img_size, train=True,
+                                                          augment=cfg.augment))
+    train_plain = train_set.with_transform(eval_tf)
+    eval_data = eval_set.with_transform(eval_tf)
+    task_info = {"name": train_set.name, "group": train_set.group, "num_classes": train_set.num_classes,
+                 "class_names": list(train_set.class_names), "data_config": dc}
+
+    # 2. the run folder: only now is anything cleared or written
     if info.is_main:
+        if action == "clear":
+            if not overwrite:
+                log(f"{out}: the run there never started training; starting it afresh")
+            clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", {**identity, "config": cfg.to_dict(), "splits": [train_split, eval_split],
                                       "world_size": info.world, "base_fingerprint": base_fingerprint})
+    if info.world > 1:
+        torch.distributed.barrier()
     device = resolve_device(cfg.device, info.local_rank)
     net.to(device)
     stage_seconds["setup"] = time.perf_counter() - t
@@ -282,30 +418,21 @@ def train(
             scores = ScoreMap.load(scores_path)
             log(f"scores: reusing {scores_path}")
         else:
-            opts = {**m.score_options, "seed": cfg.seed, "progress": cfg.progress and info.is_main}
-            if m.scorer in GRADIENT_SCORERS:  # scoring normalises as training will
-                opts.setdefault("batchnorm", "train" if cfg.norm_stats == "batch" else "eval")
-            if cfg.score_batches is not None:
-                opts["batches"] = cfg.score_batches
-            if cfg.score_batch_size is not None:
-                opts["batch_size"] = cfg.score_batch_size
             log(f"scores: {m.scorer} on {task_info['name']}/{train_split}")
-            scores = score(net, train_plain, m.scorer, **opts)
+            scores = score(net, train_plain, m.scorer, **_score_options(m, cfg, info))
             if info.is_main:
                 scores.save(scores_path)
         stage_seconds["score"] = time.perf_counter() - t
 
     # plan and apply
     t = time.perf_counter()
-    from sensitune.planning import Plan, make_plan
     from sensitune.tuners import apply_plan
 
-    plan_path = out / "plan.json"
     if resuming and plan_path.is_file():
         plan = Plan.load(plan_path)
         log(f"plan: reusing {plan_path}")
     else:
-        plan = make_plan(net, scores, m.plan, budget=budget, **{**m.plan_options, **cfg.method_options})
+        plan = early_plan if early_plan is not None else make_plan(net, scores, m.plan, budget=budget, **{**m.plan_options, **cfg.method_options})
         if info.is_main:
             plan.save(plan_path)
     apply_plan(net, plan)
@@ -322,8 +449,7 @@ def train(
         else:
             _zero_head(net)
     trainable_now = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    if info.is_main:
-        log(plan.summary())
+    log(plan.summary())
     stage_seconds["plan"] = time.perf_counter() - t
 
     # train
@@ -429,7 +555,13 @@ def load_run_model(run: str | Path, device: str = "auto") -> tuple[nn.Module, di
         raise ValueError(f"{run}: the rebuilt backbone {meta['model']!r} (pretrained={cfg.pretrained!r}) differs from "
                          f"the one the run was trained on (weights fingerprint mismatch)")
     apply_plan(net, plan)
-    load_trainable_state(net, load_checkpoint(ckpt_path)["model"], str(ckpt_path))
+    state = load_checkpoint(ckpt_path)["model"]
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ValueError(f"{run}: its checkpoint {ckpt_path} holds non-finite weights ({len(bad)} of {len(state)} "
+                         f"tensors, e.g. {bad[0]}): the run diverged; nothing it predicts means anything. Train it "
+                         f"again with a lower lr (--overwrite)")
+    load_trainable_state(net, state, str(ckpt_path))
     net.to(resolve_device(device))
     return net, {**meta, "cfg": cfg}
 

@@ -287,6 +287,18 @@ def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
 
 
+def settings_diff(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (was, now)}`` for every setting that changes the math and differs between a
+    saved run's settings (a checkpoint's or results.json's) and ``cfg``."""
+    was = saved_settings(saved)
+    return {k: (was.get(k), v) for k, v in config_fingerprint(cfg).items() if was.get(k) != v}
+
+
+def describe_diff(diff: dict[str, tuple[Any, Any]]) -> str:
+    """``lr: was 0.001, now 0.002, epochs: ...`` for a refusal message."""
+    return ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+
+
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     columns = list(METRIC_COLUMNS)
     for row in history:
@@ -396,13 +408,10 @@ def fit(
     saved_at: dict[str, int] | None = None  # the checkpoint on disk (finite by construction)
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        saved = ckpt["config"]
-        saved = saved_settings(saved)
-        was = {k: saved.get(k) for k in config_fingerprint(cfg)}
-        diff = {k: (was[k], v) for k, v in config_fingerprint(cfg).items() if was[k] != v}
+        diff = settings_diff(ckpt["config"], cfg)
         if diff:
             raise ValueError(f"cannot resume {ckpt_path}: settings differ from the interrupted run "
-                             + ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                             + describe_diff(diff)
                              + "; to continue it, pass its settings: "
                              + " ".join(f"--set {k}={'null' if a is None else a}" for k, (a, _) in diff.items()))
         bad = nonfinite_tensors(ckpt["model"])
@@ -431,8 +440,10 @@ def fit(
         elif saved_at is None:
             where = f"no checkpoint had been written yet, so {out} holds no trained weights"
         else:
-            where = (f"the last checkpoint with finite weights is kept: {ckpt_path} (epoch {saved_at['epoch']}, "
-                     f"step {saved_at['step_in_epoch']} of it, global step {saved_at['global_step']})")
+            e, k = saved_at["epoch"], saved_at["step_in_epoch"]
+            pos = f"the end of epoch {e}" if k == 0 else f"step {k} of epoch {e + 1}"
+            where = (f"the last checkpoint with finite weights is kept: {ckpt_path} (after global step "
+                     f"{saved_at['global_step']}, {pos})")
         return NonFiniteLossError(
             f"training stopped: non-finite {what} {at}, lr {optimizer.param_groups[0]['lr']:.3g}; {where}. "
             f"Try a lower lr, grad_clip, or precision fp32.")
