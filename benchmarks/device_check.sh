@@ -25,10 +25,11 @@ if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"   # here
 else PY="python3"; fi                                                     # the GPU machine's own
 
-args=()
+args=(); preparing=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --prepare)
+      preparing=1
       if [ $# -gt 1 ] && [ "${2#--}" = "$2" ]; then args+=(--prepare "$2"); shift
       else args+=(--prepare "$ROOT/.carry"); fi ;;
     *) args+=("$1") ;;
@@ -39,6 +40,9 @@ done
 CARRY="$ROOT/.carry"
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$CARRY/site" ] && export PYTHONPATH="$PYTHONPATH:$CARRY/site"   # after src and the machine's own packages
-if [ -z "${SENSITUNE_CACHE:-}" ] && [ -d "$CARRY/cache" ]; then export SENSITUNE_CACHE="$CARRY/cache"; fi
+# the carried task cache, unless one is set (or --prepare is about to rebuild .carry from the usual one)
+if [ -z "${SENSITUNE_CACHE:-}" ] && [ -d "$CARRY/cache" ] && [ "$preparing" = 0 ]; then
+  export SENSITUNE_CACHE="$CARRY/cache"
+fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 exec "$PY" "$ROOT/benchmarks/bench_device.py" "${args[@]}"
