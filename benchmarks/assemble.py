@@ -15,7 +15,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-ORDER = ["summary", "models", "data", "scoring", "tuners", "lowbit", "engine", "artifacts", "bench"]
+ORDER = ["summary", "models", "data", "scoring", "tuners", "lowbit", "engine", "artifacts", "bench", "device"]
 
 
 def demote(text: str) -> str:

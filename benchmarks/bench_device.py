@@ -434,12 +434,12 @@ def render(state: dict) -> str:
         rs = tr.get("results")
         if rs:
             st = rs.get("stage_seconds") or {}
-            L += ["| wall s | train s | stages s | images/s | peak MiB | test acc % | steps | weights |",
+            L += ["| wall s | train s | stages s | images/s | peak MiB | accuracy % | steps | weights |",
                   "|---|---|---|---|---|---|---|---|",
                   f"| {_fmt(rs.get('wall_seconds'), '.1f')} | {_fmt(rs.get('train_seconds'), '.1f')} | "
                   + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
                   + f" | {_fmt(rs.get('images_per_s'), '.0f')} | {_fmt(rs.get('peak_memory_mb'), '.0f')} "
-                    f"({rs.get('peak_memory_kind')}) | {_fmt(rs.get('accuracy'), '.1f')} | {rs.get('steps')} | "
+                    f"({rs.get('peak_memory_kind')}) | {_fmt(rs.get('accuracy'), '.1f')} ({rs.get('eval_split')}) | {rs.get('steps')} | "
                     f"{_weights(rs.get('model_source'))} |",
                   "", f"Process wall time (imports and start-up included): {tr['process_seconds']:.1f} s."]
         if tr.get("output_tail"):
