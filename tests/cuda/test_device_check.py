@@ -19,6 +19,7 @@ import bench_device  # noqa: E402
 import bench_tuners  # noqa: E402
 
 
+@pytest.mark.slow  # ~30 s: four Python processes each import torch (and timm, peft)
 def test_quick_cpu_run_writes_every_section(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--quick", "--out", str(tmp_path)], env=env,
