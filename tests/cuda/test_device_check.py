@@ -109,3 +109,25 @@ def test_prepare_carries_the_weights_package_and_the_task(tmp_path):
     assert (dest / "COMMIT").read_text().strip()
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     assert size < 48 * 2**20
+
+
+def test_a_gpu_run_renders_its_memory_columns_and_ratios():
+    """The CUDA-only parts of the report (GPU line, peak memory, ÷ lora of memory) from a made-up run."""
+    rows = {name: {"trainable": t, "median_s": s, "min_s": s, "images_per_s": 64 / s, "optimizer_state_bytes": 8 * t,
+                   "last_loss": 2.3, "finite": True, "peak_mib": m, "growth_mib": m - 400, "weights_mib": 400}
+            for name, t, s, m in [("full", 86_000_000, 0.200, 9000.0), ("lora", 1_200_000, 0.150, 5000.0),
+                                  ("peft-lora", 1_200_000, 0.160, 5200.0), ("gps", 170_000, 0.156, 5400.0)]}
+    tuners = {"configs": rows, "params": 86_000_000, "warmup": 5, "steps": 30, "budget": "0.4M", "score_seconds": 1.0,
+              "profiles": {"gps": "Name  Self CUDA\naten::mm  1 ms"},
+              "gpu": {"name": "NVIDIA H200", "memory_gib": 139.8, "sm": 132, "capability": "9.0", "cuda": "13.0",
+                      "cudnn": 91000}}
+    state = {"started": "t0", "finished": "t1", "seconds": 300.0, "device": "cuda", "quick": False, "budget_s": 470,
+             "versions": {k: "x" for k in ("python", "torch", "timm", "peft", "safetensors", "numpy", "commit")},
+             "steps": {"tuners": {"status": "ok", "result": tuners}}}
+    md = bench_device.render(state)
+    assert "| GPU | NVIDIA H200, 139.8 GiB, 132 SMs" in md and "CPU smoke" not in md
+    assert "| gps | 170,000 | 156.0 | 156.0 | 1.04 | 0.78 | 410.3 | 5400 | 1.08 | 5000 | 1.30 | 2.300 |" in md
+    assert "| gps / lora, peak memory | 1.080 | ≤ 1.05 | missed |" in md
+    assert "| gps / full, step time | 0.780 | ≤ 0.80 | met |" in md
+    assert "| lora / peft-lora, peak memory | 0.962 | ≤ 1.00 | met |" in md
+    assert "<summary>gps</summary>" in md and "(not run yet)" in md  # tests and train never ran
