@@ -83,3 +83,34 @@ def tuned_vit(kind: str, seed: int = 0, train_seed: int = 1) -> nn.Module:
 
 def images(n: int = 3, size: int = 32, seed: int = 7) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def to_v1(folder, base: nn.Module) -> None:
+    """Rewrite a delta folder in format 1 (one tensor per trained tensor + a manifest in delta.json),
+    as sensitune 0.1 wrote it, so the tests of that reader can tamper with single tensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from sensitune.artifacts import load_delta, read_delta
+    from sensitune.artifacts.format import META_FILE, TENSORS_FILE
+
+    delta = read_delta(folder)
+    model = load_delta(base, delta)
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()} | {n: list(b.shape) for n, b in model.named_buffers()}
+    tensors, manifest = {}, {}
+    for key, info in delta.meta["tensors"].items():
+        t = delta.tensors[key].clone()
+        info = dict(info)
+        if "param" in info and "field" not in info:
+            t = t.reshape(shapes[info["param"]])
+        elif "param" in info:
+            info["param_shape"] = shapes[info["param"]]
+        elif "buffer" in info:
+            t = t.reshape(shapes[info["buffer"]])
+        info["shape"] = list(t.shape)
+        tensors[key], manifest[key] = t.contiguous(), info
+    meta = {k: v for k, v in delta.meta.items() if k != "packed"}
+    meta.update(format_version=1, tensors=manifest)
+    save_file(tensors, str(folder / TENSORS_FILE), metadata={"format": "sensitune-delta"})
+    (folder / META_FILE).write_text(json.dumps(meta))

@@ -12,7 +12,7 @@ from sensitune.artifacts import DeltaError, index_dtype, load_delta, read_delta,
 from sensitune.artifacts.format import META_FILE, TENSORS_FILE
 from sensitune.tuners import apply_plan, applied_plan
 
-from .helpers import images, lite0, make_plan, trained, tuned_vit, units_for, vit
+from .helpers import images, lite0, make_plan, to_v1, trained, tuned_vit, units_for, vit
 
 
 @pytest.mark.parametrize("kind", ["lora", "spt", "bilora1", "bilora2", "bilora4", "bilora8", "adaptformer"])
@@ -139,7 +139,9 @@ def _sync(meta, tensors, key):
 
 @pytest.fixture
 def saved(tmp_path):
+    """A delta in format 1 (one tensor per key + a manifest): the tampering tests edit single tensors."""
     save_delta(tuned_vit("spt"), tmp_path / "d")
+    to_v1(tmp_path / "d", vit(0))
     return tmp_path / "d"
 
 
@@ -200,6 +202,7 @@ def test_repeated_indices_and_wrong_nnz(saved, tmp_path):
         read_delta(saved).plan
 
     save_delta(tuned_vit("spt"), tmp_path / "e")
+    to_v1(tmp_path / "e", vit(0))
 
     def nnz(meta):
         meta["plan"]["units"][0]["nnz"] += 1
@@ -216,6 +219,7 @@ def test_missing_and_extra_keys(saved, tmp_path):
         read_delta(saved)
 
     save_delta(tuned_vit("spt"), tmp_path / "e")
+    to_v1(tmp_path / "e", vit(0))
 
     def extra(t, meta):
         t["blocks.0.attn.qkv.weight"] = torch.zeros(3)
@@ -226,6 +230,7 @@ def test_missing_and_extra_keys(saved, tmp_path):
         load_delta(vit(0), tmp_path / "e")
 
     save_delta(tuned_vit("spt"), tmp_path / "f")
+    to_v1(tmp_path / "f", vit(0))
 
     def unlisted(t, meta):
         t["sneaky"] = torch.zeros(2)
@@ -372,7 +377,7 @@ def test_plan_is_required(tmp_path):
     save_delta(model, tmp_path / "d", meta={"class_names": ["a", "b", "c", "d", "e"], "task": "x"})
     delta = read_delta(tmp_path / "d")
     assert delta.class_names == list("abcde") and delta.meta["extra"] == {"task": "x"}
-    assert delta.meta["sensitune_version"] and delta.meta["format_version"] == 1
+    assert delta.meta["sensitune_version"] and delta.meta["format_version"] == 2
     with pytest.raises(ValueError, match="3 names but the head has 5"):
         save_delta(model, tmp_path / "e", meta={"class_names": ["a", "b", "c"]})
 

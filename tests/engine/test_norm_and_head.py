@@ -120,8 +120,9 @@ FAST = dict(pretrained="none", img_size=32, epochs=1, batch_size=8, progress=Fal
 
 
 def _parts(run) -> set[str]:
-    meta = json.loads((run / "delta" / "delta.json").read_text())
-    return {info["part"] for info in meta["tensors"].values()}
+    from sensitune.artifacts import read_delta
+
+    return {info["part"] for info in read_delta(run / "delta").meta["tensors"].values()}
 
 
 def test_delta_carries_norm_statistics_only_when_training_moved_them(task, tmp_path):

@@ -163,12 +163,12 @@ def test_unknown_mode_raises_everywhere(tmp_path):
     save_delta(model, tmp_path / "d")
     import json
 
+    from sensitune.artifacts.compact import pack_json, unpack_json
+
     meta = json.loads((tmp_path / "d" / "delta.json").read_text())
-    units = meta["plan"]["units"] if "units" in meta["plan"] else None
-    if units is not None:
-        units[0]["mode"] = "ia3"
-    else:
-        meta["plan"]["modes"] = [m.replace("lora", "ia3") for m in meta["plan"]["modes"]]
+    packed = unpack_json(meta["packed"], "test")
+    packed["plan"]["units"][0]["mode"] = "ia3"
+    meta["packed"] = pack_json(packed)
     (tmp_path / "d" / "delta.json").write_text(json.dumps(meta))
     with pytest.raises(DeltaError, match="unknown tuning mode 'ia3'"):
         load_delta(base("test_vit"), tmp_path / "d")

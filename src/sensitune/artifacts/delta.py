@@ -24,6 +24,7 @@ so a delta cannot run code.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -36,12 +37,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from sensitune.artifacts import compact
+# separators inside stored keys ("::" cannot occur in a torch parameter name)
+from sensitune.artifacts.compact import BUFFER_PREFIX, LOWBIT_FIELDS, PLAN_PREFIX
 from sensitune.artifacts.merge import base_fingerprint
 from sensitune.artifacts.merge import norm_stats as _norm_stats
 from sensitune.artifacts.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_DTYPES,
+    READABLE_VERSIONS,
     META_FILE,
     TENSORS_FILE,
     AtomicDir,
@@ -55,10 +60,6 @@ from sensitune.artifacts.format import (
     write_json_atomic,
 )
 
-#: separators inside stored keys; "::" cannot occur in a torch parameter name
-PLAN_PREFIX = "plan::"
-BUFFER_PREFIX = "buffer::"
-LOWBIT_FIELDS = ("codes", "mu", "sigma")
 
 # ----------------------------------------------------------------------------- plan glue
 def _plan_to_record(plan) -> tuple[dict, dict[str, Tensor]]:
@@ -205,24 +206,36 @@ def resolve_delta_dir(path: str | os.PathLike) -> Path:
 
 
 def read_delta(path: str | os.PathLike) -> Delta:
-    """Read and check a delta folder: format, manifest vs stored keys, dtypes and shapes."""
+    """Read and check a delta folder: format, stored tensors against the plan (v2) or the
+    manifest (v1), dtypes, shapes, and that delta.json's claims agree with what is stored."""
     folder = resolve_delta_dir(path)
-    meta = read_json(folder / META_FILE)
+    where = folder / META_FILE
+    meta = read_json(where)
     if meta.get("format") != FORMAT_NAME:
-        raise DeltaError(f"{folder / META_FILE}: not a sensitune delta (format={meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DeltaError(f"{folder / META_FILE}: delta format version {meta.get('format_version')!r} is not "
-                         f"supported (this sensitune reads version {FORMAT_VERSION})")
-    for key in ("plan", "tensors", "base_fingerprint"):
+        raise DeltaError(f"{where}: not a sensitune delta (format={meta.get('format')!r})")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise DeltaError(f"{where}: delta format version {version!r} is not supported (this sensitune reads "
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))})")
+    for key in ("packed",) if version == 2 else ("plan", "tensors"):
         if key not in meta:
-            raise DeltaError(f"{folder / META_FILE}: missing {key!r}")
+            raise DeltaError(f"{where}: missing {key!r}")
+    if "base_fingerprint" not in meta:
+        raise DeltaError(f"{where}: missing 'base_fingerprint'")
     tfile = folder / TENSORS_FILE
     if not tfile.is_file():
         raise FileNotFoundError(f"{tfile} is missing")
     try:
-        tensors = load_file(str(tfile))
+        stored = load_file(str(tfile))
     except (SafetensorError, OSError, ValueError) as exc:
         raise DeltaError(f"{tfile}: not a readable safetensors file ({exc})") from None
+    delta = _read_v2(meta, stored, folder) if version == 2 else _read_v1(meta, stored, folder)
+    _check_claims(delta)
+    return delta
+
+
+def _read_v1(meta: dict, tensors: dict[str, Tensor], folder: Path) -> Delta:
+    tfile = folder / TENSORS_FILE
     manifest: dict[str, dict] = meta["tensors"]
     missing = sorted(set(manifest) - set(tensors))
     extra = sorted(set(tensors) - set(manifest))
@@ -237,6 +250,37 @@ def read_delta(path: str | os.PathLike) -> Delta:
         if list(t.shape) != list(info.get("shape", [])):
             raise DeltaError(f"{tfile}: tensor {key!r} has shape {list(t.shape)}, {META_FILE} says {info.get('shape')}")
     return Delta(meta=meta, tensors=tensors, path=folder)
+
+
+def _read_v2(meta: dict, groups: dict[str, Tensor], folder: Path) -> Delta:
+    """Unpack the plan, cut the group tensors into the v1 layout (tensors + manifest in ``meta``)."""
+    where = str(folder / TENSORS_FILE)
+    packed = compact.unpack_json(meta["packed"], str(folder / META_FILE))
+    record = packed.get("plan") if isinstance(packed, dict) else None
+    plan, tensors, manifest = compact.decode(
+        groups, packed, lambda indices: _plan_from_record(record, indices, str(folder / META_FILE)), where)
+    meta = {**meta, "plan": record, "tensors": manifest}
+    return Delta(meta=meta, tensors=tensors, path=folder, _plan=plan)
+
+
+def _check_claims(delta: Delta) -> None:
+    """delta.json's own statements must agree with what it stores (a hand-edited file is refused)."""
+    where = f"{delta.where}: {META_FILE}"
+    stats = [k for k, info in delta.meta["tensors"].items() if info.get("part") == "norm_stats"]
+    if stats and delta.meta.get("norm_stats") is False:
+        raise DeltaError(f"{where} says norm_stats=false but the delta stores {len(stats)} BatchNorm statistics "
+                         f"(e.g. {stats[0]!r}): its fingerprint would then include statistics it replaces")
+    n = delta.meta.get("num_classes")
+    if n is not None:
+        plan = delta.plan
+        heads = [(name, plan.tensors[name]) for name in plan.head if name in plan.tensors]
+        if type(n) is not int or (heads and heads[0][1][0] != n):
+            raise DeltaError(f"{where} says num_classes={n!r} but the head {heads[0][0]} has "
+                             f"{heads[0][1][0]} outputs" if heads else f"{where}: num_classes={n!r} is not an integer")
+        names = delta.meta.get("class_names")
+        if names is not None and (not isinstance(names, list) or len(names) != n):
+            raise DeltaError(f"{where} lists {len(names) if isinstance(names, list) else names!r} class names for "
+                             f"num_classes={n}")
 
 
 # ----------------------------------------------------------------------------- storage report
@@ -343,7 +387,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
 
     plan = _model_plan(model, plan)
     meta = dict(meta or {})
-    plan_json, plan_tensors = _plan_to_record(plan)
+    _, plan_tensors = _plan_to_record(plan)
     quantised = quantised_params(plan)
     packed_cache = getattr(model, "sensitune_packed", {}) or {}
     roles = {name: role for name, role, _ in plan.parameters()}
@@ -409,13 +453,14 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
         "class_names": list(class_names) if class_names is not None else None,
         "data_config": meta.get("data_config") or getattr(model, "sensitune_data_config", None),
         "trainable": {"with_head": plan.num_trainable(True), "without_head": plan.num_trainable(False)},
-        "plan": plan_json,
-        "tensors": manifest,
         "extra": {k: v for k, v in meta.items() if k not in known},
     }
+    # compact layout (format 2): one tensor per part and dtype, the plan packed; see artifacts/compact.py
+    groups, packed = compact.encode(manifest, tensors, plan)
+    record["packed"] = compact.pack_json(packed)
     out = Path(path)
     with AtomicDir(out) as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT_NAME})
+        save_file(groups, str(tmp / TENSORS_FILE), metadata={"format": FORMAT_NAME})
         report = storage_report(manifest, tensors, (tmp / TENSORS_FILE).stat().st_size)
         record["storage"] = report
         # the JSON records its own size: iterate until the number no longer changes its length
@@ -494,17 +539,49 @@ def load_delta(base_model_or_name: nn.Module | str | None, path: str | os.PathLi
     return apply_delta(model, delta, fingerprint)
 
 
+class _Rollback:
+    """Put a model back exactly as it was if applying a delta fails half-way (all or nothing).
+
+    Taken before anything changes: every module's attribute dict and its parameter, buffer,
+    sub-module and hook dicts (shallow copies: references, O(modules)), every parameter's
+    ``requires_grad``, and clones of the base tensors a delta writes into (the tensors it
+    replaces, BatchNorm statistics). :meth:`restore` reinstates all of it, so the caller's model
+    has the same modules, tensors (bit for bit), flags and hooks as before the call.
+    """
+
+    _DICTS = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+    def __init__(self, model: nn.Module, written: set[str]) -> None:
+        self.modules = list(model.modules())
+        self.dicts = [({k: v for k, v in m.__dict__.items()},
+                       {k: copy.copy(m.__dict__[k]) for k in self._DICTS if k in m.__dict__}) for m in self.modules]
+        self.grad = [(p, p.requires_grad) for p in model.parameters()]
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        self.data = [(tensors[n], tensors[n].detach().clone()) for n in sorted(written) if n in tensors]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for m, (attrs, dicts) in zip(self.modules, self.dicts):
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for k, d in dicts.items():
+                live = m.__dict__[k]
+                live.clear()
+                live.update(d)
+        for p, flag in self.grad:
+            p.requires_grad_(flag)
+        for t, saved in self.data:
+            t.copy_(saved)
+
+
 def apply_delta(model: nn.Module, delta: Delta, fingerprint: str) -> nn.Module:
-    """Apply a read ``delta`` to a base whose fingerprint was already checked (``fingerprint``)."""
-    from sensitune.tuners import apply_plan
+    """Apply a read ``delta`` to a base whose fingerprint was already checked (``fingerprint``).
 
+    All or nothing: when any stored tensor turns out not to fit (shape, dtype, a buffer the
+    model lacks), the DeltaError leaves ``model`` exactly as it was given.
+    """
     plan = delta.plan
-    _fit_head(model, plan)
-    try:
-        plan.check_model(model)
-    except ValueError as exc:
-        raise DeltaError(f"{delta.where}: {exc}") from None
-
     expected = {name for name, _, _ in plan.parameters()}
     stored = delta.params()
     missing = sorted(expected - set(stored))
@@ -520,7 +597,35 @@ def apply_delta(model: nn.Module, delta: Delta, fingerprint: str) -> nn.Module:
             raise DeltaError(f"{delta.where}: parameter {name!r} is stored "
                              f"{'as codes' if 'value' not in entry['keys'] else 'as floats'} but the plan says "
                              f"bits={quantised.get(name, 32)}")
+    norm = {info.get("buffer", ""): key for key, info in delta.meta["tensors"].items() if info.get("part") == "norm_stats"}
+    rollback = _Rollback(model, (expected & {n for n, _ in model.named_parameters()}) | set(norm))
+    try:
+        return _apply_checked(model, delta, plan, expected, stored, quantised, norm)
+    except BaseException:
+        rollback.restore()
+        raise
 
+
+def _fitted(value: Tensor, target: Tensor, delta: Delta, key: str, name: str) -> Tensor:
+    """``value`` in ``target``'s shape: a compact (v2) delta stores every tensor flat."""
+    if tuple(value.shape) != tuple(target.shape):
+        flat = int(delta.meta.get("format_version", 1)) >= 2 and value.dim() == 1
+        if not (flat and value.numel() == target.numel()):
+            raise DeltaError(f"{delta.where}: tensor {key!r} has shape {tuple(value.shape)} but the model's "
+                             f"{name} is {tuple(target.shape)}")
+        value = value.view(target.shape)
+    return value
+
+
+def _apply_checked(model: nn.Module, delta: Delta, plan, expected: set[str], stored: dict, quantised: dict[str, int],
+                   norm: dict[str, str]) -> nn.Module:
+    from sensitune.tuners import apply_plan
+
+    _fit_head(model, plan)
+    try:
+        plan.check_model(model)
+    except ValueError as exc:
+        raise DeltaError(f"{delta.where}: {exc}") from None
     apply_plan(model, _float_plan(plan))
     params = dict(model.named_parameters())
     packed: dict[str, tuple[dict, int, Tensor]] = {}
@@ -530,10 +635,7 @@ def apply_delta(model: nn.Module, delta: Delta, fingerprint: str) -> nn.Module:
             if target is None:
                 raise DeltaError(f"{delta.where}: apply_plan did not create parameter {name!r}")
             value = delta.param_tensor(name)
-            if tuple(value.shape) != tuple(target.shape):
-                key = next(iter(stored[name]["keys"].values()))
-                raise DeltaError(f"{delta.where}: tensor {key!r} has shape {tuple(value.shape)} but the model's "
-                                 f"{name} is {tuple(target.shape)}")
+            value = _fitted(value, target, delta, next(iter(stored[name]["keys"].values())), name)
             if not torch.is_floating_point(value):
                 raise DeltaError(f"{delta.where}: tensor for {name!r} has dtype {dtype_name(value.dtype)}, expected float")
             target.copy_(value.to(target.dtype))
@@ -542,14 +644,12 @@ def apply_delta(model: nn.Module, delta: Delta, fingerprint: str) -> nn.Module:
                 packed[name] = ({f: delta.tensors[keys[f]] for f in LOWBIT_FIELDS}, quantised[name],
                                 target.detach().cpu().clone())
         buffers = dict(model.named_buffers())
-        for key, info in delta.meta["tensors"].items():
-            if info.get("part") != "norm_stats":
-                continue
-            buf = buffers.get(info.get("buffer", ""))
-            if buf is None or tuple(buf.shape) != tuple(delta.tensors[key].shape):
+        for bname, key in norm.items():
+            buf = buffers.get(bname)
+            if buf is None or buf.numel() != delta.tensors[key].numel():
                 raise DeltaError(f"{delta.where}: tensor {key!r} does not fit a buffer of the model "
                                  f"({'no such buffer' if buf is None else f'shape {tuple(buf.shape)}'})")
-            buf.copy_(delta.tensors[key].to(buf.dtype))
+            buf.copy_(_fitted(delta.tensors[key], buf, delta, key, bname).to(buf.dtype))
     model.sensitune_plan = plan
     model.sensitune_packed = packed
     model.sensitune_delta = {"path": str(delta.path) if delta.path else None, "method": delta.method,

@@ -20,7 +20,8 @@ from sensitune.io import read_json as _read_json
 TENSORS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
 FORMAT_NAME = "sensitune-delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 1 (a tensor per trained tensor + a manifest) still reads
+READABLE_VERSIONS = (1, 2)
 
 INDEX_DTYPES = tuple(d for d, _ in _INDEX_DTYPES)
 

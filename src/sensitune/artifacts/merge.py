@@ -55,24 +55,34 @@ def base_view(model: nn.Module, hide: Iterable[str] = (), norm_buffers: Iterable
         tuners_unmerge(model)
     hide, norm_buffers = set(hide), tuple(norm_buffers)
     hidden: list[tuple[dict, str, object]] = []
+    positions: dict[int, dict[str, int]] = {}  # id(store) -> name -> index before hiding
     try:
         for mod_name, m in model.named_modules():
             for name in added_modules():
                 if name in m._modules:
+                    positions.setdefault(id(m._modules), {k: i for i, k in enumerate(m._modules)})
                     hidden.append((m._modules, name, m._modules.pop(name)))
             params, buffers = _added_tensors(m)
             prefix = f"{mod_name}." if mod_name else ""
             params += [n for n in list(m._parameters) if prefix + n in hide and n not in params]
             if norm_buffers and isinstance(m, nn.modules.batchnorm._BatchNorm):
                 buffers += [n for n in norm_buffers if n in m._buffers and n not in buffers]
-            for name in params:
-                hidden.append((m._parameters, name, m._parameters.pop(name)))
-            for name in buffers:
-                hidden.append((m._buffers, name, m._buffers.pop(name)))
+            for store, names in ((m._parameters, params), (m._buffers, buffers)):
+                if names:
+                    positions.setdefault(id(store), {k: i for i, k in enumerate(store)})
+                for name in names:
+                    hidden.append((store, name, store.pop(name)))
         yield model
     finally:
+        stores: dict[int, dict] = {}
         for store, name, value in reversed(hidden):
+            stores[id(store)] = store
             store[name] = value
+        for key, store in stores.items():  # every name back in its place: the state-dict order is kept
+            pos = positions[key]
+            ordered = sorted(store.items(), key=lambda kv: pos.get(kv[0], len(pos)))
+            store.clear()
+            store.update(ordered)
         if was_merged:
             tuners_merge(model)
 
