@@ -46,3 +46,22 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # rank 0 alone wrote the run files
     assert sorted(p.name for p in (tmp_path / "two").rglob("*")) == sorted(
         ["checkpoints", "last.pt", "metrics.csv", "final.safetensors", "history.json"])
+
+
+def test_a_torchrun_train_reports_once(tmp_path):
+    """Every rank runs train(); only rank 0 logs and prints the summary."""
+    from engine_helpers import make_vtab
+
+    task = make_vtab(tmp_path / "bands", sizes={"train800": 16, "val200": 8, "test": 4}, size=16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "sensitune.cli", "train", "--model", "test_vit", "--task", str(task), "--method",
+                           "linear", "--out", str(tmp_path / "run"), "--pretrained", "none", "--img-size", "32",
+                           "--epochs", "1", "--batch-size", "8", "--no-progress", "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count('"accuracy"') == 1, out  # the JSON summary
+    assert out.count("val200 accuracy") == 1 and out.count("epoch 1/1:") == 1, out  # the log lines
+    assert out.count("trainable:") == 1, out  # the plan summary
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["world_size"] == 2
