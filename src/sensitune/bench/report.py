@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from sensitune.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from sensitune.io import atomic_write_bytes, atomic_write_text
 
 MEAN_OF_GROUPS = "mean of group means"
 MEAN_OF_TASKS = "mean over tasks"

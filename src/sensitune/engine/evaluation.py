@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sensitune.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from sensitune.io import atomic_write_bytes, atomic_write_text
 
 
 def logits_of(output: Any) -> torch.Tensor:

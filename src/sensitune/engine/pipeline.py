@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sensitune.engine.checkpoint import atomic_write_text, load_checkpoint, load_trainable_state
+from sensitune.engine.checkpoint import load_checkpoint, load_trainable_state
+from sensitune.io import atomic_write_text
 from sensitune.engine.config import TrainConfig, build_config
 from sensitune.engine.evaluation import evaluate_model
 from sensitune.engine.trainer import (
