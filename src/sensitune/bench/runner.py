@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from sensitune.bench.selection import SCOPES, bootstrap_stability, choose_lr, rank_lrs, suite_accuracy, usable
 from sensitune.bench.suites import SuiteTask, suite_tasks
-from sensitune.engine.checkpoint import atomic_write_text
+from sensitune.io import atomic_write_text
 
 FORMAT = "sensitune-bench/1"
 DEFAULT_TRAIN = "sensitune.engine.pipeline:train"
@@ -660,40 +660,41 @@ class Bench:
             self.manifest["selection_stability"] = stability
             self.save()
 
+    def _val_correct(self, spec: MethodSpec) -> dict[str, dict[float, list[int]]] | None:
+        """task -> usable lr -> 0/1 per validation image, read from the selection cells' predictions;
+        None when some usable cell has no predictions file (older runs, a fake engine)."""
+        from sensitune.engine.evaluation import read_predictions
+
+        correct: dict[str, dict[float, list[int]]] = {}
+        for c in self.select_cells:
+            if c.method is not spec or c.lr not in usable(self.val[_key(c.task, spec)],
+                                                         self.val_diverged[_key(c.task, spec)]):
+                continue
+            files = sorted((self.out / c.path).glob("eval_*_predictions.csv"))
+            if not files:
+                return None
+            labels, preds = read_predictions(files[0])
+            correct.setdefault(c.task.name, {})[c.lr] = [int(a == b) for a, b in zip(labels, preds)]  # type: ignore[index]
+        return correct if len(correct) == len(self.tasks) else None
+
     def _stability(self, rounds: int = 1000) -> dict[str, Any]:
         """Both scopes' bootstrap stability (the share of redraws of val200 keeping each choice), per
         method: what a second draw of validation data would do to the rule in use and to the other."""
-        from sensitune.engine.evaluation import read_predictions
-
         out: dict[str, Any] = {"rounds": rounds}
         for spec in self.specs:
-            correct: dict[str, dict[float, Any]] = {}
-            for t in self.tasks:
-                k = _key(t, spec)
-                ok = usable(self.val[k], self.val_diverged[k])
-                by_lr = {}
-                for c in self.select_cells:
-                    if c.task is t and c.method is spec and c.lr in ok:
-                        files = sorted((self.out / c.path).glob("eval_*_predictions.csv"))
-                        if files:
-                            labels, preds = read_predictions(files[0])
-                            by_lr[c.lr] = [int(a == b) for a, b in zip(labels, preds)]
-                if len(by_lr) != len(ok) or not by_lr:
-                    break
-                correct[t.name] = by_lr
-            else:
-                if not correct:
-                    continue
-                per_task = {t.name: rank_lrs(usable(self.val[_key(t, spec)], self.val_diverged[_key(t, spec)]),
-                                             self.tie_tolerance)[0] for t in self.tasks}
-                task_share = bootstrap_stability(correct, per_task, "task", self.tie_tolerance, rounds)
-                means = suite_accuracy({t.name: self.val[_key(t, spec)] for t in self.tasks},
-                                       {t.name: self.val_diverged[_key(t, spec)] for t in self.tasks})
-                suite_share = (bootstrap_stability(correct, rank_lrs(means, self.tie_tolerance)[0], "suite",
-                                                   self.tie_tolerance, rounds)["suite"] if means else None)
-                out[spec.label] = {"task": round(float(sum(task_share.values()) / len(task_share)), 3),
-                                   "task_each": {k: round(v, 3) for k, v in task_share.items()},
-                                   "suite": None if suite_share is None else round(suite_share, 3)}
+            correct = self._val_correct(spec)
+            if correct is None:
+                continue
+            val = {t.name: self.val[_key(t, spec)] for t in self.tasks}
+            diverged = {t.name: self.val_diverged[_key(t, spec)] for t in self.tasks}
+            per_task = {t: rank_lrs(usable(val[t], diverged[t]), self.tie_tolerance)[0] for t in val}
+            task_share = bootstrap_stability(correct, per_task, "task", self.tie_tolerance, rounds)
+            means = suite_accuracy(val, diverged)
+            suite_share = (bootstrap_stability(correct, rank_lrs(means, self.tie_tolerance)[0], "suite",
+                                               self.tie_tolerance, rounds)["suite"] if means else None)
+            out[spec.label] = {"task": round(float(sum(task_share.values()) / len(task_share)), 3),
+                               "task_each": {k: round(v, 3) for k, v in task_share.items()},
+                               "suite": None if suite_share is None else round(suite_share, 3)}
         return out
 
     def _final_unit(self, task: SuiteTask, spec: MethodSpec) -> None:
