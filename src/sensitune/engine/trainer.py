@@ -407,27 +407,8 @@ def fit(
     resumed_from = None
     saved_at: dict[str, int] | None = None  # the checkpoint on disk (finite by construction)
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        diff = settings_diff(ckpt["config"], cfg)
-        if diff:
-            raise ValueError(f"cannot resume {ckpt_path}: settings differ from the interrupted run "
-                             + describe_diff(diff)
-                             + "; to continue it, pass its settings: "
-                             + " ".join(f"--set {k}={'null' if a is None else a}" for k, (a, _) in diff.items()))
-        bad = nonfinite_tensors(ckpt["model"])
-        if bad:
-            raise ValueError(f"cannot resume {ckpt_path}: it holds non-finite weights ({len(bad)} tensor(s), e.g. "
-                             f"{bad[0]}); start the run again with --overwrite (and a lower lr)")
-        load_trainable_state(model, ckpt["model"], str(ckpt_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_batch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-        history = list(ckpt["history"])
-        partial = dict(ckpt["partial"])
-        if start_batch:
-            set_rng_state(ckpt["rng"])
+        start_epoch, start_batch, global_step, history, partial = _resume(
+            ckpt_path, cfg, model, optimizer, scheduler, scaler)
         resumed_from = {"epoch": start_epoch, "step_in_epoch": start_batch, "global_step": global_step}
         saved_at = dict(resumed_from)
         if info.is_main:
@@ -501,8 +482,9 @@ def fit(
                 with autocast_context(device, cfg.precision):
                     logits = logits_of(net(images))
                 loss_sum = criterion(logits.float(), labels)
-                if not _all_ranks_finite(loss_sum, info, device):
-                    raise stop(f"training loss ({loss_sum.item()})", step_name(epoch, step_in_epoch))
+                loss_value = loss_sum.item()  # the step's one host sync for the loss
+                if not _all_ranks_finite(loss_value, info, device):
+                    raise stop(f"training loss ({loss_value})", step_name(epoch, step_in_epoch))
                 scale = info.world / global_sizes[k]
                 loss = loss_sum * scale
                 if scaler is not None:
@@ -528,8 +510,8 @@ def fit(
                 global_step += 1
                 with torch.no_grad():
                     if global_step == 1:  # the loss before any update: where training started
-                        partial["start_loss"] = loss_sum.item() / labels.numel()
-                    partial["loss"] += loss_sum.item()
+                        partial["start_loss"] = loss_value / labels.numel()
+                    partial["loss"] += loss_value
                     partial["correct"] += (logits.argmax(1) == labels).sum().item()
                     partial["count"] += labels.numel()
                 images_total += labels.numel() * info.world
@@ -540,7 +522,7 @@ def fit(
                                     acc=f"{100 * partial['correct'] / partial['count']:.1f}",
                                     img_s=f"{partial['count'] * info.world / max(el, 1e-9):.1f}", refresh=False)
                     if writer is not None:
-                        writer.add_scalar("train/loss_step", loss_sum.item() / labels.numel(), global_step)
+                        writer.add_scalar("train/loss_step", loss_value / labels.numel(), global_step)
                         writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
                 if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch + 1 < steps_per_epoch:
                     partial["seconds"] += time.perf_counter() - t_epoch
@@ -548,17 +530,7 @@ def fit(
                     checkpoint(epoch, step_in_epoch + 1)
             bar.close()
             partial["seconds"] += time.perf_counter() - t_epoch
-            totals = torch.tensor([partial["loss"], partial["correct"], partial["count"]], dtype=torch.float64)
-            if info.world > 1:
-                dist.all_reduce(totals)
-            loss_e, correct_e, count_e = totals.tolist()
-            row: dict[str, Any] = {
-                "epoch": epoch + 1, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": loss_e / count_e, "train_acc": 100 * correct_e / count_e, "images": int(count_e),
-                "epoch_seconds": round(partial["seconds"], 3),
-                **({"start_loss": partial["start_loss"]} if "start_loss" in partial else {}),
-                "images_per_s": round(count_e / max(partial["seconds"], 1e-9), 2),
-            }
+            row = _epoch_row(partial, info, epoch, global_step, optimizer.param_groups[0]["lr"])
             if eval_data is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
                 if info.is_main:
                     last_eval = evaluate_model(model, eval_data, batch_size=cfg.eval_batch_size or cfg.batch_size,
@@ -589,13 +561,54 @@ def fit(
                      peak=peak_memory_mb(device), resumed_from=resumed_from, last_eval=last_eval)
 
 
+def _resume(ckpt_path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: CosineLRScheduler, scaler: Any) -> tuple[int, int, int, list[dict[str, Any]], dict[str, Any]]:
+    """Load the interrupted run's checkpoint into the model, optimizer, scheduler, scaler and RNGs;
+    returns (epoch, step in epoch, global step, history, partial epoch sums). Refuses changed
+    settings (naming the ``--set`` that continues the run) and a checkpoint with non-finite weights."""
+    ckpt = load_checkpoint(ckpt_path)
+    diff = settings_diff(ckpt["config"], cfg)
+    if diff:
+        raise ValueError(f"cannot resume {ckpt_path}: settings differ from the interrupted run "
+                         + describe_diff(diff)
+                         + "; to continue it, pass its settings: "
+                         + " ".join(f"--set {k}={'null' if a is None else a}" for k, (a, _) in diff.items()))
+    bad = nonfinite_tensors(ckpt["model"])
+    if bad:
+        raise ValueError(f"cannot resume {ckpt_path}: it holds non-finite weights ({len(bad)} tensor(s), e.g. "
+                         f"{bad[0]}); start the run again with --overwrite (and a lower lr)")
+    load_trainable_state(model, ckpt["model"], str(ckpt_path))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["step_in_epoch"]:
+        set_rng_state(ckpt["rng"])
+    return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], list(ckpt["history"]), dict(ckpt["partial"])
+
+
+def _epoch_row(partial: dict[str, Any], info: DistInfo, epoch: int, global_step: int, lr: float) -> dict[str, Any]:
+    """The metrics row of a finished epoch, its sums reduced over every rank."""
+    totals = torch.tensor([partial["loss"], partial["correct"], partial["count"]], dtype=torch.float64)
+    if info.world > 1:
+        dist.all_reduce(totals)
+    loss_e, correct_e, count_e = totals.tolist()
+    return {
+        "epoch": epoch + 1, "step": global_step, "lr": lr,
+        "train_loss": loss_e / count_e, "train_acc": 100 * correct_e / count_e, "images": int(count_e),
+        "epoch_seconds": round(partial["seconds"], 3),
+        **({"start_loss": partial["start_loss"]} if "start_loss" in partial else {}),
+        "images_per_s": round(count_e / max(partial["seconds"], 1e-9), 2),
+    }
+
+
 def _unwrap(net: nn.Module) -> nn.Module:
     return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
 
 
-def _all_ranks_finite(loss: torch.Tensor, info: DistInfo, device: torch.device) -> bool:
+def _all_ranks_finite(loss: float, info: DistInfo, device: torch.device) -> bool:
     """Whether every rank's loss is finite (checked before the backward pass touches anything)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=device if device.type == "cuda" else "cpu")
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device if device.type == "cuda" else "cpu")
     if info.world > 1:
         dist.all_reduce(bad)
     return bad.item() == 0
