@@ -8,21 +8,40 @@ the benchmark harness selects lr on val200 where it matters.
 """
 from __future__ import annotations
 
-import difflib
-import importlib
-import inspect
-import math
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+from sensitune.options import check_call_options, did_you_mean, value_matches  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sensitune.planning.registry import Planner
+    from sensitune.scoring.registry import Scorer
 
 Budget = Literal["none", "optional", "required"]
+#: the stages an option can be scoped to: ``plan.rank``, ``score.batches``, ``train.drop_path``
+SCOPES = ("plan", "score", "train")
+
+
+@dataclass(frozen=True)
+class StagedOptions:
+    """Options sorted by the stage they go to: the planner's (``method_options``), the scorer's
+    (``score_options``) and training settings (TrainConfig keys)."""
+
+    plan: dict[str, Any] = field(default_factory=dict)
+    score: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Method:
-    """One named recipe. ``plan`` is the ``make_plan`` method, ``scorer`` the ``score`` method."""
+    """One named recipe. ``plan`` names a planner of :data:`sensitune.planning.PLANNERS`,
+    ``scorer`` a scorer of :data:`sensitune.scoring.SCORERS` (their typed options live there).
+
+    ``budget`` says for ``--help`` whether the method takes one (``optional``: it has
+    ``default_budget``); whether a budget is taken is decided by the planner alone
+    (:meth:`check_budget`), and a test holds the two in agreement. The registries are imported
+    only when a method is used, so listing the methods imports no torch.
+    """
 
     name: str
     description: str
@@ -34,157 +53,92 @@ class Method:
     score_options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig defaults
 
+    @property
+    def planner(self) -> "Planner":
+        from sensitune.planning.registry import get_planner
+
+        return get_planner(self.plan)
+
+    @property
+    def scorer_spec(self) -> "Scorer | None":
+        if self.scorer is None:
+            return None
+        from sensitune.scoring.registry import get_scorer
+
+        return get_scorer(self.scorer)
+
     def check_budget(self, budget: Any) -> Any:
-        """The budget to plan with; raises when this method takes none or needs one."""
-        if budget is not None and self.budget == "none":
-            raise ValueError(f"method {self.name!r} takes no budget (its size is fixed by its options); "
-                             f"drop --budget, or use a budgeted method: {', '.join(budgeted())}")
-        if budget is None:
+        """The budget to plan with (the method's default when none is given); raises when this
+        method takes none, needs one, or the budget is malformed: the same check as make_plan's."""
+        planner = self.planner
+        if budget is None and planner.budget == "required":
             budget = self.default_budget
-        if budget is None and self.budget == "required":
-            raise ValueError(f"method {self.name!r} needs a budget, e.g. --budget 0.4M, 400k or 0.5%")
-        if budget is not None:
-            check_budget_syntax(budget)
-        return budget
+        return planner.check_budget(budget, f"method {self.name!r}",
+                                    f"; drop --budget, or use a budgeted method: {', '.join(budgeted())}")
 
     def check_options(self, plan_options: dict[str, Any] | None = None,
                       score_options: dict[str, Any] | None = None) -> None:
         """Refuse an option its planner (or scorer) does not take, or a value of the wrong type,
-        before any work: the names and types come from the planner's signature, and the error
-        lists the valid ones."""
-        check_call_options(f"method {self.name!r}", "planner " + self.plan, planner_options(self.plan),
-                           {**self.plan_options, **(plan_options or {})})
-        if self.scorer is not None:
-            check_call_options(f"method {self.name!r}", "scorer " + self.scorer, scorer_options(self.scorer),
-                               {**self.score_options, **(score_options or {})})
+        before any work: the names and types come from the registries, and the error lists the
+        valid ones."""
+        self.planner.check({**self.plan_options, **(plan_options or {})}, f"method {self.name!r}")
+        scorer = self.scorer_spec
+        if scorer is not None:
+            scorer.check({**self.score_options, **(score_options or {})}, f"method {self.name!r}")
+
+    def stage_options(self, options: Mapping[str, Any], where: str) -> StagedOptions:
+        """Sort ``options`` by stage. ``plan.NAME`` / ``score.NAME`` / ``train.NAME`` name their
+        stage; a bare name goes to the one stage that has it (a planner option of this method or
+        a training setting; scorer options are always scoped). A bare name that is both is
+        refused naming both spellings, so it never silently lands in the wrong stage. Names and
+        types of planner and scorer options are checked here; training settings by TrainConfig."""
+        from sensitune.engine.config import check_keys, coerce_values, config_keys
+
+        planner, scorer, train_keys = self.planner, self.scorer_spec, config_keys()
+        staged = StagedOptions()
+        for key, value in options.items():
+            scope, dot, name = str(key).partition(".")
+            if not dot:
+                scope, name = self._bare_stage(str(key), planner, scorer, train_keys, where), str(key)
+            elif scope not in SCOPES:
+                raise ValueError(f"{where}: {key!r} names no stage {scope!r}{did_you_mean(scope, SCOPES)}; "
+                                 f"scope an option as plan.NAME (the planner {self.plan}), score.NAME (the scorer"
+                                 f"{' ' + self.scorer if self.scorer else ''}) or train.NAME (a training setting)")
+            if scope == "score" and scorer is None:
+                raise ValueError(f"{where}: method {self.name!r} computes no scores, so {key!r} has no stage to go to")
+            stage = getattr(staged, scope)
+            if name in stage:
+                raise ValueError(f"{where}: {scope}.{name} is given twice (once scoped, once bare)")
+            stage[name] = value
+        planner.check(staged.plan, where)
+        if scorer is not None:
+            scorer.check(staged.score, where)
+        check_keys(staged.train, where)
+        coerce_values(staged.train, where)  # a wrong type is refused now, not when the run starts
+        return staged
+
+    def _bare_stage(self, name: str, planner: "Planner", scorer: "Scorer | None", train_keys: set[str],
+                    where: str) -> str:
+        in_plan, in_train = name in planner.options, name in train_keys
+        if in_plan and in_train:
+            raise ValueError(f"{where}: {name!r} is ambiguous: it is an option of the planner {self.plan} and a "
+                             f"training setting; write plan.{name}=... (the planner's) or train.{name}=... (the "
+                             f"training setting)")
+        if in_plan or in_train:
+            return "plan" if in_plan else "train"
+        if scorer is not None and name in scorer.options:
+            raise ValueError(f"{where}: {name!r} is an option of the scorer {self.scorer}: write score.{name}=...")
+        listing = ", ".join(planner.options) or "no options"
+        raise ValueError(f"{where}: unknown option {name!r}{did_you_mean(name, [*planner.options, *train_keys])}; "
+                         f"the planner {self.plan} takes: {listing}; any other name must be a training setting "
+                         f"(one of {', '.join(sorted(train_keys))}), or scoped: plan.NAME, score.NAME, train.NAME")
 
 
 def check_budget_syntax(budget: Any) -> None:
-    """Refuse a budget that no model could satisfy: not a count or share, under one parameter,
-    or a share outside (0, 100] % (the range against the model is checked once it is built)."""
-    from sensitune.planning.budget import parse_budget
+    """Refuse a budget that no model could satisfy (see :func:`sensitune.planning.budget.check_budget_syntax`)."""
+    from sensitune.planning.budget import check_budget_syntax as check
 
-    if isinstance(budget, float) and not math.isfinite(budget):
-        raise ValueError(f"budget {budget!r} is not a finite number")
-    text = budget.strip() if isinstance(budget, str) else None
-    if text is not None and text.endswith("%"):
-        try:
-            share = float(text[:-1])
-        except ValueError:
-            share = None
-        if share is not None and not (math.isfinite(share) and 0 < share <= 100):
-            raise ValueError(f"budget {budget!r} is a share of the backbone's parameters: it must be above 0% "
-                             f"and at most 100%")
-    # syntax and "at least one parameter", on a notional backbone so large no share rounds to 0
-    parse_budget(budget, 10**15, 10**30)
-
-
-# -- option declarations, read off the planner and scorer signatures ------------------------------------
-#: planner name -> (module, function, parameters the pipeline passes itself, function its **kw go to)
-_PLANNERS: dict[str, tuple[str, str, frozenset[str], str | None]] = {
-    **{n: ("sensitune.planning.spt", "spt", frozenset({"ctx", "scores", "budget", "structured"}), None)
-       for n in ("spt-lora", "spt-adapter")},
-    "gps": ("sensitune.planning.gps", "gps", frozenset({"ctx", "scores", "budget"}), None),
-    "topk-sparse": ("sensitune.planning.gps", "topk_sparse", frozenset({"ctx", "scores", "budget"}), None),
-    **{n: ("sensitune.planning.simple", n.replace("-", "_"), frozenset({"ctx", "method"}), None)
-       for n in ("linear", "full", "bitfit", "lora", "adapter", "adaptformer", "ssf")},
-    "bi-lora": ("sensitune.planning.simple", "bi_lora", frozenset({"ctx", "method"}), "lora"),
-    "bi-adaptformer": ("sensitune.planning.simple", "bi_adaptformer", frozenset({"ctx", "method"}), "adaptformer"),
-}
-#: scorer name -> (module, function); ``model`` and ``data`` are the pipeline's
-_SCORERS: dict[str, tuple[str, str]] = {
-    "sensitivity": ("sensitune.scoring.sensitivity", "sensitivity_scores"),
-    "gps": ("sensitune.scoring.gradient", "gps_scores"),
-    "fisher": ("sensitune.scoring.baselines", "fisher_scores"),
-    "magnitude": ("sensitune.scoring.baselines", "magnitude_scores"),
-    "random": ("sensitune.scoring.baselines", "random_scores"),
-}
-
-
-def _parameters(fn: Callable, fixed: frozenset[str]) -> tuple[dict[str, Any], bool]:
-    """``{name: type hint}`` of ``fn``'s keyword options minus ``fixed``, and whether it takes ``**kw``."""
-    hints = typing.get_type_hints(fn)
-    params: dict[str, Any] = {}
-    var_kw = False
-    for p in inspect.signature(fn).parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            var_kw = True
-        elif p.kind is not p.VAR_POSITIONAL and p.name not in fixed:
-            params[p.name] = hints.get(p.name, Any)
-    return params, var_kw
-
-
-def planner_options(plan: str) -> dict[str, Any] | None:
-    """The options planner ``plan`` takes (name -> type hint); None when they cannot be listed."""
-    entry = _PLANNERS.get(plan)
-    if entry is None:
-        return None
-    module, name, fixed, forwards = entry
-    mod = importlib.import_module(module)
-    params, var_kw = _parameters(getattr(mod, name), fixed)
-    if forwards is not None:  # a preset that hands **kw on: its own options plus the target's
-        more, _ = _parameters(getattr(mod, forwards), fixed)
-        params = {**more, **params}
-    elif var_kw:
-        return None
-    return params
-
-
-def scorer_options(scorer: str) -> dict[str, Any] | None:
-    """The options scorer ``scorer`` takes (name -> type hint); None when they cannot be listed."""
-    entry = _SCORERS.get(scorer)
-    if entry is None:
-        return None
-    params, var_kw = _parameters(getattr(importlib.import_module(entry[0]), entry[1]), frozenset({"model", "data"}))
-    return None if var_kw else params
-
-
-def _hint_name(hint: Any) -> str:
-    if hint is Any:
-        return "any"
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        return " | ".join(_hint_name(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "None"
-    return getattr(hint, "__name__", str(hint))
-
-
-def value_matches(value: Any, hint: Any) -> bool:
-    """Whether ``value`` fits type hint ``hint`` (int/float/bool/str/None and unions of them;
-    any other hint is left to the function itself)."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(value_matches(value, a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return True
-
-
-def check_call_options(who: str, what: str, declared: dict[str, Any] | None, given: dict[str, Any]) -> None:
-    """Raise ValueError for an option ``declared`` lacks or a value of the wrong type, listing
-    the valid names (with types)."""
-    if declared is None:
-        return
-    listing = ", ".join(f"{k} ({_hint_name(h)})" for k, h in declared.items())
-    for key, value in given.items():
-        if key not in declared:
-            close = ([d for d in declared if d.lower() == str(key).lower()]
-                     or difflib.get_close_matches(str(key), list(declared), n=1))
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{who}: unknown option {key!r}{hint}; the {what} takes: {listing or 'no options'}")
-        if not value_matches(value, declared[key]):
-            raise ValueError(f"{who}: option {key}={value!r} has the wrong type: the {what} expects "
-                             f"{_hint_name(declared[key])}")
+    check(budget)
 
 
 _SPT_SCORE = {"batches": 16, "batch_size": 32}  # SPT: 16 batches of 32 images, list order
@@ -226,10 +180,9 @@ def get_method(name: str | Method) -> Method:
         return name
     try:
         return METHODS[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown method {name!r}{hint}; choose one of {', '.join(METHODS)}") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}{did_you_mean(str(name), METHODS)}; choose one of "
+                         f"{', '.join(METHODS)}") from None
 
 
 def describe() -> str:

@@ -53,7 +53,7 @@ def test_k_errors():
         make_plan(model, _scores(model), "gps", K=10)
     with pytest.raises(ValueError, match="K must be an integer"):
         make_plan(model, _scores(model), "gps", K=0)
-    with pytest.raises(ValueError, match="not by a budget"):
+    with pytest.raises(ValueError, match=r"takes no budget \(its size is fixed by its options: K, head"):
         make_plan(model, _scores(model), "gps", "0.1M")
     with pytest.raises(ValueError, match="needs scores"):
         make_plan(model, None, "gps")

@@ -157,7 +157,7 @@ def test_presets():
         make_plan(model, None, "lora", targets=r"nothing_here")
     with pytest.raises(ValueError, match="unknown method"):
         make_plan(model, None, "magic")
-    with pytest.raises(ValueError, match="bad option"):
+    with pytest.raises(ValueError, match=r"unknown option 'rnk' \(did you mean 'rank'\?\); the planner lora takes: rank"):
         make_plan(model, None, "lora", rnk=4)
     bitfit = make_plan(model, None, "bitfit")
     assert all(u.target.endswith("bias") for u in bitfit.units if u.mode != "head")

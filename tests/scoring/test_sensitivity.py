@@ -91,13 +91,13 @@ def test_bad_input_is_refused_clearly():
         score(model, tensor_data(4), "sensitivity", include=r"^no_such_tensor$")
     with pytest.raises(ValueError, match="unknown tensor kind"):
         score(model, tensor_data(4), "sensitivity", kinds=("matrices",))
-    with pytest.raises(ValueError, match="unknown scoring method"):
+    with pytest.raises(ValueError, match=r"unknown scoring method 'sensitivty' \(did you mean 'sensitivity'\?\)"):
         score(model, tensor_data(4), "sensitivty")
     with pytest.raises(ValueError, match="needs data"):
         score(model, None, "sensitivity")
     with pytest.raises(ValueError, match="takes part in the loss"):
         score(model, tensor_data(4), "gps", kinds=("head",), view_transform=lambda x: x)  # SupCon skips the head
-    with pytest.raises(ValueError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match=r"unknown option 'temprature'; the scorer sensitivity takes: batch_size"):
         score(model, tensor_data(4), "sensitivity", temprature=0.1)
 
 

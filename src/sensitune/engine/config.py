@@ -84,7 +84,10 @@ class TrainConfig:
     deterministic: bool = True
     progress: bool = True
     tensorboard: bool = False
-    method_options: dict[str, Any] = field(default_factory=dict)  # extra options for scorer/planner
+    method_options: dict[str, Any] = field(default_factory=dict)  # options of the method's planner (plan.*)
+    # options of the method's scorer (score.*), over the method's own; left out of to_dict() while
+    # empty, so run and bench folders made before the setting existed compare equal
+    score_options: dict[str, Any] = field(default_factory=dict)
 
     # -- derived values -------------------------------------------------------------------
     def splits(self) -> tuple[str, str]:
@@ -95,6 +98,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        if not d["score_options"]:
+            del d["score_options"]
         return d
 
     def validate(self) -> "TrainConfig":
@@ -137,6 +142,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+#: settings that are mappings of a stage's options, merged layer over layer
+MAPPING_KEYS = ("method_options", "score_options")
+
+
+def config_keys() -> set[str]:
+    """The names of every training setting (what a bare or ``train.`` option can be)."""
+    return set(_FIELDS)
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -155,7 +167,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             if not isinstance(value, (list, tuple)) or len(value) != 2:
                 raise TypeError
             return (float(value[0]), float(value[1]))
-        if key == "method_options":
+        if key in MAPPING_KEYS:
             if not isinstance(value, Mapping):
                 raise TypeError
             return dict(value)
@@ -180,6 +192,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     except (TypeError, ValueError):
         raise ValueError(f"{source}: {key}={value!r} has the wrong type (expected {type_name})") from None
     return value
+
+
+def coerce_values(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``values`` (known keys) converted to their settings' types; a wrong type raises naming the key."""
+    return {key: _coerce(key, value, source) for key, value in values.items()}
 
 
 def _translate_legacy_keys(values: Mapping[str, Any], source: str) -> Mapping[str, Any]:
@@ -249,7 +266,7 @@ def build_config(
         check_keys(layer, source)
         for key, value in layer.items():
             value = _coerce(key, value, source)
-            if key == "method_options":
-                value = {**values.get("method_options", {}), **value}
+            if key in MAPPING_KEYS:  # a later layer adds to (and overrides) an earlier one's options
+                value = {**values.get(key, {}), **value}
             values[key] = value
     return TrainConfig(**values).validate()

@@ -8,49 +8,27 @@ of the backbone's parameters, head excluded (``"0.5%"``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from torch import Tensor, nn
 
-from sensitune.planning import gps as _gps
-from sensitune.planning import simple as _simple
-from sensitune.planning import spt as _spt
-from sensitune.planning.budget import parse_budget
-from sensitune.planning.common import context
+from sensitune.planning import spt as _spt  # noqa: F401  (each planner module registers its planners)
+from sensitune.planning import gps as _gps  # noqa: F401
+from sensitune.planning import simple as _simple  # noqa: F401
+from sensitune.planning.budget import check_budget, parse_budget
 from sensitune.planning.plan import Plan, Unit
+from sensitune.planning.registry import PLANNERS, Planner, get_planner, register
 
-_SCORED: dict[str, Callable[..., Plan]] = {
-    "spt-lora": lambda ctx, s, b, **o: _spt.spt(ctx, s, b, structured="lora", **o),
-    "spt-adapter": lambda ctx, s, b, **o: _spt.spt(ctx, s, b, structured="adapter", **o),
-    "gps": _gps.gps,
-    "topk-sparse": _gps.topk_sparse,
-}
-_PRESETS: dict[str, Callable[..., Plan]] = {
-    "linear": _simple.linear, "full": _simple.full, "bitfit": _simple.bitfit, "lora": _simple.lora,
-    "adapter": _simple.adapter, "adaptformer": _simple.adaptformer, "bi-lora": _simple.bi_lora,
-    "bi-adaptformer": _simple.bi_adaptformer, "ssf": _simple.ssf,
-}
-METHODS: tuple[str, ...] = tuple(_SCORED) + tuple(_PRESETS)
+METHODS: tuple[str, ...] = tuple(PLANNERS)
 
 
 def make_plan(model: nn.Module, scores: Mapping[str, Tensor] | None, method: str, budget: Any = None,
               **options: Any) -> Plan:
-    """A Plan for ``model``. Unknown methods or options raise ValueError naming the valid ones."""
-    ctx = context(model)
-    if method in _SCORED:
-        fn = _SCORED[method]
-        try:
-            return fn(ctx, scores, budget, **options)
-        except TypeError as exc:
-            raise ValueError(f"{method}: bad option ({exc})") from exc
-    if method in _PRESETS:
-        if budget is not None:
-            raise ValueError(f"method {method!r} takes no budget (its size follows from its options)")
-        try:
-            return _PRESETS[method](ctx, **options)
-        except TypeError as exc:
-            raise ValueError(f"{method}: bad option ({exc})") from exc
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    """A Plan for ``model`` by the planner ``method`` (see :data:`PLANNERS`). An unknown planner,
+    an option it does not take, a value of the wrong type or a budget it cannot use raise
+    ValueError naming the valid ones, before any planning."""
+    return get_planner(method)(model, scores, budget, **options)
 
 
-__all__ = ["METHODS", "Plan", "Unit", "make_plan", "parse_budget"]
+__all__ = ["METHODS", "PLANNERS", "Plan", "Planner", "Unit", "check_budget", "get_planner", "make_plan", "parse_budget",
+           "register"]

@@ -14,6 +14,7 @@ from torch import Tensor
 from sensitune.planning.budget import parse_budget
 from sensitune.planning.common import Context, checked_scores, head_units, make
 from sensitune.planning.plan import Plan, Unit
+from sensitune.planning.registry import Planner, register
 
 
 def gps(ctx: Context, scores: Mapping[str, Tensor], budget: object = None, K: int = 1, head: bool = True,
@@ -62,3 +63,7 @@ def topk_sparse(ctx: Context, scores: Mapping[str, Tensor], budget: object = Non
         if idx.numel():
             units.append(Unit(info.name, "sparse", info.shape, indices=idx))
     return make(ctx, "topk-sparse", units + head_units(ctx, head, head_bits), budget=n)
+
+
+register(Planner("gps", gps, scored=True))
+register(Planner("topk-sparse", topk_sparse, scored=True, budget="required"))

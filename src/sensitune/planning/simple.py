@@ -26,6 +26,7 @@ from torch import nn
 
 from sensitune.planning.common import Context, default_matrix_targets, head_units, make, match_targets
 from sensitune.planning.plan import Plan, Unit
+from sensitune.planning.registry import Planner, register
 from sensitune.tuners.adapter import block_dims, is_vit_block
 from sensitune.tuners.modes.ssf import ssf_kind
 
@@ -163,3 +164,14 @@ def ssf(ctx: Context, targets: Any = None, head: bool = True, head_bits: int = 3
     """SSF: a per-channel scale and shift after the chosen operations (see :mod:`sensitune.tuners.ssf`)."""
     units = [Unit(name, "ssf", (c,)) for name, c in ssf_modules(ctx, targets)]
     return make(ctx, "ssf", units + head_units(ctx, head, head_bits), options={"targets": targets})
+
+
+register(Planner("linear", linear))
+register(Planner("full", full))
+register(Planner("bitfit", bitfit))
+register(Planner("lora", lora))
+register(Planner("adapter", adapter))
+register(Planner("adaptformer", adaptformer))
+register(Planner("bi-lora", bi_lora, forwards=lora))
+register(Planner("bi-adaptformer", bi_adaptformer, forwards=adaptformer))
+register(Planner("ssf", ssf))

@@ -32,6 +32,7 @@ from torch import Tensor
 from sensitune.planning.budget import parse_budget
 from sensitune.planning.common import Context, checked_scores, head_units, make
 from sensitune.planning.plan import Plan, Unit
+from sensitune.planning.registry import Planner, register
 
 
 #: the first candidate set holds about this many entries per budgeted parameter (estimated from a
@@ -330,3 +331,7 @@ def spt(ctx: Context, scores: Mapping[str, Tensor], budget: object = None, struc
     opts = dict(structured=structured, rank=rank, alpha=alpha, beta=beta, dropout=dropout, drop_path=drop_path,
                 bits=bits, scale=scale)
     return make(ctx, method, units + head_units(ctx, head, head_bits), budget=target, options=opts, stats=stats)
+
+
+register(Planner("spt-lora", spt, scored=True, budget="required", bound={"structured": "lora"}))
+register(Planner("spt-adapter", spt, scored=True, budget="required", bound={"structured": "adapter"}))

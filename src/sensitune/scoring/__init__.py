@@ -10,14 +10,15 @@ from typing import Any
 
 from torch import nn
 
+from sensitune.scoring.sensitivity import sensitivity_scores  # each scorer module registers its scorers
+from sensitune.scoring.gradient import backbone_features, gps_scores, gps_view_transform, supcon_loss
 from sensitune.scoring.baselines import fisher_scores, magnitude_scores, random_scores
 from sensitune.scoring.heatmap import Placement, describe, placement
-from sensitune.scoring.gradient import backbone_features, gps_scores, gps_view_transform, supcon_loss
+from sensitune.scoring.registry import SCORERS, Scorer, get_scorer, register
 from sensitune.scoring.scoremap import ScoreMap
-from sensitune.scoring.sensitivity import sensitivity_scores
 
-METHODS = ("sensitivity", "gps", "magnitude", "random", "fisher")
-DATA_FREE = ("magnitude", "random")
+METHODS: tuple[str, ...] = tuple(SCORERS)
+DATA_FREE: tuple[str, ...] = tuple(n for n, s in SCORERS.items() if not s.needs_data)
 
 
 def score(model: nn.Module, data: Any, method: str = "sensitivity", *, fingerprint: bool = True,
@@ -31,27 +32,11 @@ def score(model: nn.Module, data: Any, method: str = "sensitivity", *, fingerpri
     embeddings), ``include``/``exclude`` (regex on names), ``seed``. Data-driven methods also
     take ``batch_size``, ``batches``, ``samples``, ``train_mode`` (True), ``batchnorm``
     ("eval"), ``num_workers``, ``progress``; ``gps`` takes ``loss`` ("supcon" | "ce"),
-    ``temperature``, ``view_transform``. The model is left exactly as it was.
+    ``temperature``, ``view_transform`` (:data:`SCORERS` holds each one's typed options). An
+    unknown method, an option it does not take or a value of the wrong type raise ValueError
+    listing the valid ones, before any work. The model is left exactly as it was.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown scoring method {method!r}: choose one of {', '.join(METHODS)}")
-    if method not in DATA_FREE and data is None:
-        raise ValueError(f"{method} scoring needs data (a Dataset or DataLoader of (image, label))")
-    try:
-        if method == "sensitivity":
-            result = sensitivity_scores(model, data, **options)
-        elif method == "gps":
-            result = gps_scores(model, data, **options)
-        elif method == "fisher":
-            result = fisher_scores(model, data, **options)
-        elif method == "magnitude":
-            result = magnitude_scores(model, **options)
-        else:
-            result = random_scores(model, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise ValueError(f"{method} scoring: {exc}") from None
-        raise
+    result = get_scorer(method)(model, data, **options)
     from sensitune.models import tunable_tensors
 
     # the facts a report needs (block, role, kind, q/k/v slices), so it works from the file alone
@@ -75,5 +60,5 @@ def _head_prefix(model: nn.Module) -> tuple[str, ...]:
     return (head + ".",) if head else ()
 
 
-__all__ = ["METHODS", "Placement", "ScoreMap", "placement", "backbone_features", "fisher_scores", "gps_scores", "gps_view_transform",
+__all__ = ["METHODS", "SCORERS", "Placement", "ScoreMap", "Scorer", "get_scorer", "register", "placement", "backbone_features", "fisher_scores", "gps_scores", "gps_view_transform",
            "magnitude_scores", "random_scores", "score", "sensitivity_scores", "supcon_loss"]

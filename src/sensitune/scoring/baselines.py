@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sensitune.scoring import common
 from sensitune.scoring.scoremap import ScoreMap
+from sensitune.scoring.registry import Scorer, register
 from sensitune.scoring.sensitivity import sensitivity_scores
 
 
@@ -54,3 +55,8 @@ def fisher_scores(model: nn.Module, data: Dataset | DataLoader, *, samples: int 
         data = data.dataset
     options.pop("batches", None)
     return sensitivity_scores(model, data, batch_size=1, batches=None, samples=samples, method="fisher", **options)
+
+
+register(Scorer("magnitude", magnitude_scores, needs_data=False))
+register(Scorer("random", random_scores, needs_data=False))
+register(Scorer("fisher", fisher_scores, forwards=sensitivity_scores))

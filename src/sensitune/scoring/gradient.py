@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from sensitune.models import find_head
 from sensitune.scoring import common
 from sensitune.scoring.scoremap import ScoreMap
+from sensitune.scoring.registry import Scorer, register
 
 TEMPERATURE = 0.07
 
@@ -226,3 +227,6 @@ def gps_scores(model: nn.Module, data: Dataset | DataLoader, *, loss: str = "sup
                         "exclude": exclude, "train_mode": train_mode, "batchnorm": batchnorm, "seed": seed,
                         "batches": batches, "samples": samples}}
     return ScoreMap(dict(zip(names, acc)), meta)
+
+
+register(Scorer("gps", gps_scores))

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sensitune.scoring import common
 from sensitune.scoring.scoremap import ScoreMap
+from sensitune.scoring.registry import Scorer, register
 
 
 def sensitivity_scores(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int | None = None,
@@ -70,3 +71,6 @@ def sensitivity_scores(model: nn.Module, data: Dataset | DataLoader, *, batch_si
 
 def _add_square(acc: torch.Tensor, grad: torch.Tensor) -> None:
     acc.addcmul_(grad, grad)
+
+
+register(Scorer("sensitivity", sensitivity_scores))
