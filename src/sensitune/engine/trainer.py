@@ -26,7 +26,7 @@ import random
 import resource
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -350,7 +350,61 @@ def divergence(history: list[dict[str, Any]]) -> str | None:
     return None
 
 
-# -- the loop ----------------------------------------------------------------------------------
+# -- the loop: a training state and the named steps that change it ------------------------------
+def _fresh_sums() -> dict[str, Any]:
+    """The running sums of an epoch in progress (a checkpoint saves them mid-epoch)."""
+    return {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+
+
+@dataclass(frozen=True)
+class FitEnv:
+    """Where and how ``fit`` runs; fixed for the whole run (settings, process, device, output)."""
+    cfg: TrainConfig
+    info: DistInfo
+    device: torch.device
+    out: Path | None
+    log: Callable[[str], None]
+    eval_data: Dataset | None = None
+    writer: Any = None  # tensorboard's SummaryWriter on rank 0, when asked for
+
+    @property
+    def ckpt_path(self) -> Path | None:
+        return self.out / "checkpoints" / "last.pt" if self.out is not None else None
+
+
+@dataclass
+class TrainState:
+    """Everything ``fit`` trains and moves forward: the model (``net`` is its DDP wrapper under
+    torchrun, else the model itself), the optimizer, schedule and grad scaler, the seeded data
+    order, the position (``start_*`` where this call began, ``global_step`` now), the history, the
+    sums of the epoch in progress and the last checkpoint and evaluation. Each step below is a
+    function of this state and the :class:`FitEnv`, so the loop reads as its stages."""
+    model: nn.Module
+    net: nn.Module
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    frozen_norms: list[nn.Module]
+    items: SeededItems
+    sampler: GlobalBatches
+    steps_per_epoch: int
+    start_epoch: int = 0
+    start_batch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    partial: dict[str, Any] = field(default_factory=_fresh_sums)
+    resumed_from: dict[str, int] | None = None
+    saved_at: dict[str, int] | None = None  # the checkpoint on disk (finite by construction)
+    last_eval: dict[str, Any] | None = None
+    images_total: int = 0
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
 def fit(
     model: nn.Module,
     train_data: Dataset,
@@ -374,200 +428,67 @@ def fit(
     when it is set. ``cfg.norm_stats`` decides which norm layers stay in
     eval mode throughout (:func:`pretrained_stat_layers`; by default all of them).
     """
+    env = _setup_env(cfg, out_dir, eval_data, log)
+    state = _setup_state(model, train_data, env, no_decay, head)
+    if resume and env.ckpt_path is not None and env.ckpt_path.is_file():
+        _resume(state, env)
+    if env.info.world > 1:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        state.net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    env = replace(env, writer=_tensorboard(env.out, cfg, env.info, log))
+    t_start = time.perf_counter()
+    with _deterministic(cfg.deterministic and env.device.type == "cpu"):
+        for epoch in range(state.start_epoch, cfg.epochs):
+            _run_epoch(state, env, epoch)
+    return _finish(state, env, t_start)
+
+
+def _setup_env(cfg: TrainConfig, out_dir: str | Path | None, eval_data: Dataset | None,
+               log: Callable[[str], None]) -> FitEnv:
+    """Validate the settings, join the process group and pick this process's device."""
     cfg.validate()
     info = distributed(cfg.device)
     device = resolve_device(cfg.device, info.local_rank)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device (it relies on a grad scaler); use bf16 on CPU")
-    out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / "checkpoints" / "last.pt" if out is not None else None
+    return FitEnv(cfg=cfg, info=info, device=device, out=Path(out_dir) if out_dir is not None else None,
+                  log=log, eval_data=eval_data)
 
-    model.to(device)
+
+def _setup_state(model: nn.Module, train_data: Dataset, env: FitEnv,
+                 no_decay: Callable[[str, nn.Parameter], bool] | None,
+                 head: Callable[[str, nn.Parameter], bool] | None) -> TrainState:
+    """The state at step 0: model on its device, seeded data order, optimizer, schedule, scaler."""
+    cfg = env.cfg
+    model.to(env.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameter (nothing has requires_grad): the plan trains nothing")
     seed_everything(cfg.seed)
     items = SeededItems(train_data, cfg.seed)
-    sampler = GlobalBatches(len(items), cfg.batch_size, cfg.seed, cfg.drop_last, info)
+    sampler = GlobalBatches(len(items), cfg.batch_size, cfg.seed, cfg.drop_last, env.info)
     steps_per_epoch = len(sampler)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(items)} training samples give no full batch of {cfg.batch_size}; "
                          f"lower batch_size or set drop_last: false")
-
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, no_decay, head, cfg.head_lr), lr=cfg.lr,
                                   betas=cfg.betas, eps=cfg.eps)
     frozen_norms = pretrained_stat_layers(model, cfg.norm_stats)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=cfg.label_smoothing)
-
-    start_epoch, start_batch, global_step = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    partial = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-    resumed_from = None
-    saved_at: dict[str, int] | None = None  # the checkpoint on disk (finite by construction)
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        start_epoch, start_batch, global_step, history, partial = _resume(
-            ckpt_path, cfg, model, optimizer, scheduler, scaler)
-        resumed_from = {"epoch": start_epoch, "step_in_epoch": start_batch, "global_step": global_step}
-        saved_at = dict(resumed_from)
-        if info.is_main:
-            log(f"resuming from {ckpt_path}: epoch {start_epoch + 1}, step {start_batch} of {steps_per_epoch}")
-
-    def stop(what: str, at: str) -> NonFiniteLossError:
-        """The one-line error for a non-finite ``what`` found ``at`` a point, naming the checkpoint kept."""
-        if ckpt_path is None:
-            where = "nothing was saved (no output folder)"
-        elif saved_at is None:
-            where = f"no checkpoint had been written yet, so {out} holds no trained weights"
-        else:
-            e, k = saved_at["epoch"], saved_at["step_in_epoch"]
-            pos = f"the end of epoch {e}" if k == 0 else f"step {k} of epoch {e + 1}"
-            where = (f"the last checkpoint with finite weights is kept: {ckpt_path} (after global step "
-                     f"{saved_at['global_step']}, {pos})")
-        return NonFiniteLossError(
-            f"training stopped: non-finite {what} {at}, lr {optimizer.param_groups[0]['lr']:.3g}; {where}. "
-            f"Try a lower lr, grad_clip, or precision fp32.")
-
-    def step_name(epoch: int, step_in_epoch: int) -> str:
-        return f"at epoch {epoch + 1}, step {step_in_epoch + 1} (global step {global_step + 1})"
-
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
-        nonlocal saved_at
-        if ckpt_path is None:
-            return
-        # every rank holds the same weights (DDP), so every rank agrees on this check
-        bad = nonfinite_tensors(dict(_unwrap(net).named_parameters()), only_trainable=True) + \
-            nonfinite_tensors(dict(_unwrap(net).named_buffers()))
-        if bad:
-            raise stop(f"weights in {len(bad)} trained tensor(s) (e.g. {bad[0]})",
-                       f"when saving the checkpoint after global step {global_step} (not written)")
-        if not info.is_main:
-            return
-        save_checkpoint(ckpt_path, model=trainable_state(_unwrap(net)), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                        rng=rng_state(), epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-                        history=history, partial=partial, config=config_fingerprint(cfg), world=info.world)
-        saved_at = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
-
-    net: nn.Module = model
-    if info.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = _tensorboard(out, cfg, info, log)
-    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    last_eval = None
-    t_start = time.perf_counter()
-    images_total = 0
-    with _deterministic(cfg.deterministic and device.type == "cpu"):
-        for epoch in range(start_epoch, cfg.epochs):
-            skip = start_batch if epoch == start_epoch else 0
-            if skip == 0:
-                seed_everything(_mix(cfg.seed, epoch, info.rank, 0x5EED))
-                partial = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-            items.epoch = sampler.epoch = epoch
-            sampler.skip = skip
-            global_sizes = [len(b) for b in sampler.global_batches()][skip:]
-            # own generator: creating the iterator must not draw from the global RNG (exact resume)
-            loader = DataLoader(items, batch_sampler=sampler, generator=torch.Generator().manual_seed(epoch),
-                                **loader_kw)
-            set_train_mode(net, frozen_norms)  # every epoch: an evaluation may have switched modes
-            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
-            t_epoch = time.perf_counter()
-            for k, (images, labels) in enumerate(loader):
-                step_in_epoch = skip + k
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                scheduler.step_update(global_step)
-                with autocast_context(device, cfg.precision):
-                    logits = logits_of(net(images))
-                loss_sum = criterion(logits.float(), labels)
-                loss_value = loss_sum.item()  # the step's one host sync for the loss
-                if not _all_ranks_finite(loss_value, info, device):
-                    raise stop(f"training loss ({loss_value})", step_name(epoch, step_in_epoch))
-                scale = info.world / global_sizes[k]
-                loss = loss_sum * scale
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                # the step is accepted only with finite weights (a finite gradient can still blow a
-                # weight up, e.g. through weight decay at a huge lr); max |w| is finite iff all are,
-                # and DDP keeps every rank's weights equal, so no rank is left waiting
-                if not torch.isfinite(nn.utils.get_total_norm(trainable, norm_type=math.inf)).item():
-                    bad = nonfinite_tensors(dict(_unwrap(net).named_parameters()), only_trainable=True)
-                    raise stop(f"weights in {len(bad)} of {len(trainable)} trained tensor(s) (e.g. "
-                               f"{bad[0] if bad else '?'}) after the update", step_name(epoch, step_in_epoch))
-                global_step += 1
-                with torch.no_grad():
-                    if global_step == 1:  # the loss before any update: where training started
-                        partial["start_loss"] = loss_value / labels.numel()
-                    partial["loss"] += loss_value
-                    partial["correct"] += (logits.argmax(1) == labels).sum().item()
-                    partial["count"] += labels.numel()
-                images_total += labels.numel() * info.world
-                if info.is_main:
-                    el = partial["seconds"] + time.perf_counter() - t_epoch
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{partial['loss'] / partial['count']:.3f}",
-                                    acc=f"{100 * partial['correct'] / partial['count']:.1f}",
-                                    img_s=f"{partial['count'] * info.world / max(el, 1e-9):.1f}", refresh=False)
-                    if writer is not None:
-                        writer.add_scalar("train/loss_step", loss_value / labels.numel(), global_step)
-                        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch + 1 < steps_per_epoch:
-                    partial["seconds"] += time.perf_counter() - t_epoch
-                    t_epoch = time.perf_counter()
-                    checkpoint(epoch, step_in_epoch + 1)
-            bar.close()
-            partial["seconds"] += time.perf_counter() - t_epoch
-            row = _epoch_row(partial, info, epoch, global_step, optimizer.param_groups[0]["lr"])
-            if eval_data is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-                if info.is_main:
-                    last_eval = evaluate_model(model, eval_data, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                               device=device, precision=cfg.precision, num_workers=cfg.num_workers)
-                    row["eval_loss"], row["eval_acc"] = last_eval["loss"], last_eval["accuracy"]
-                if info.world > 1:
-                    dist.barrier()
-            history.append(row)
-            if info.is_main:
-                log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.1f}% "
-                    f"lr {row['lr']:.3g} {row['images_per_s']:.1f} img/s"
-                    + (f" eval acc {row['eval_acc']:.1f}%" if "eval_acc" in row else ""))
-                if writer is not None:
-                    for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "images_per_s"):
-                        if key in row:
-                            writer.add_scalar(key.replace("_", "/", 1), row[key], epoch + 1)
-                if out is not None:
-                    write_metrics_csv(out / "metrics.csv", history)
-            partial = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-            checkpoint(epoch + 1, 0)
-    if writer is not None:
-        writer.close()
-    seconds = time.perf_counter() - t_start
-    if info.world > 1:
-        dist.barrier()
-    return FitResult(history=history, global_step=global_step, steps_per_epoch=steps_per_epoch,
-                     train_seconds=seconds, images_per_s=images_total / max(seconds, 1e-9),
-                     peak=peak_memory_mb(device), resumed_from=resumed_from, last_eval=last_eval)
+    return TrainState(model=model, net=model, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+                      scaler=scaler, criterion=criterion, frozen_norms=frozen_norms, items=items, sampler=sampler,
+                      steps_per_epoch=steps_per_epoch)
 
 
-def _resume(ckpt_path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: CosineLRScheduler, scaler: Any) -> tuple[int, int, int, list[dict[str, Any]], dict[str, Any]]:
-    """Load the interrupted run's checkpoint into the model, optimizer, scheduler, scaler and RNGs;
-    returns (epoch, step in epoch, global step, history, partial epoch sums). Refuses changed
-    settings (naming the ``--set`` that continues the run) and a checkpoint with non-finite weights."""
+def _resume(state: TrainState, env: FitEnv) -> None:
+    """Load the interrupted run's checkpoint into the model, optimizer, scheduler, scaler, RNGs and
+    position. Refuses changed settings (naming the ``--set`` that continues the run) and a
+    checkpoint with non-finite weights."""
+    ckpt_path = env.ckpt_path
     ckpt = load_checkpoint(ckpt_path)
-    diff = settings_diff(ckpt["config"], cfg)
+    diff = settings_diff(ckpt["config"], env.cfg)
     if diff:
         raise ValueError(f"cannot resume {ckpt_path}: settings differ from the interrupted run "
                          + describe_diff(diff)
@@ -577,14 +498,204 @@ def _resume(ckpt_path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torc
     if bad:
         raise ValueError(f"cannot resume {ckpt_path}: it holds non-finite weights ({len(bad)} tensor(s), e.g. "
                          f"{bad[0]}); start the run again with --overwrite (and a lower lr)")
-    load_trainable_state(model, ckpt["model"], str(ckpt_path))
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+    load_trainable_state(state.model, ckpt["model"], str(ckpt_path))
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    if state.scaler is not None and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
     if ckpt["step_in_epoch"]:
         set_rng_state(ckpt["rng"])
-    return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], list(ckpt["history"]), dict(ckpt["partial"])
+    state.start_epoch, state.start_batch, state.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+    state.history, state.partial = list(ckpt["history"]), dict(ckpt["partial"])
+    state.resumed_from = {"epoch": state.start_epoch, "step_in_epoch": state.start_batch,
+                          "global_step": state.global_step}
+    state.saved_at = dict(state.resumed_from)
+    if env.info.is_main:
+        env.log(f"resuming from {ckpt_path}: epoch {state.start_epoch + 1}, step {state.start_batch} of "
+                f"{state.steps_per_epoch}")
+
+
+def _run_epoch(state: TrainState, env: FitEnv, epoch: int) -> None:
+    """One epoch (or the rest of a resumed one): its seeded batches, each a step, mid-epoch
+    checkpoints, then the epoch's row, evaluation and checkpoint."""
+    cfg, info = env.cfg, env.info
+    skip = state.start_batch if epoch == state.start_epoch else 0
+    if skip == 0:
+        seed_everything(_mix(cfg.seed, epoch, info.rank, 0x5EED))
+        state.partial = _fresh_sums()
+    state.items.epoch = state.sampler.epoch = epoch
+    state.sampler.skip = skip
+    global_sizes = [len(b) for b in state.sampler.global_batches()][skip:]
+    # own generator: creating the iterator must not draw from the global RNG (exact resume)
+    loader = DataLoader(state.items, batch_sampler=state.sampler, generator=torch.Generator().manual_seed(epoch),
+                        num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda")
+    set_train_mode(state.net, state.frozen_norms)  # every epoch: an evaluation may have switched modes
+    bar = tqdm(total=state.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
+    t_epoch = time.perf_counter()
+    for k, (images, labels) in enumerate(loader):
+        step_in_epoch = skip + k
+        loss_value, n = _train_step(state, env, images, labels, global_sizes[k], epoch, step_in_epoch)
+        if info.is_main:
+            _show_step(state, env, bar, loss_value / n, time.perf_counter() - t_epoch)
+        if (cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0
+                and step_in_epoch + 1 < state.steps_per_epoch):
+            state.partial["seconds"] += time.perf_counter() - t_epoch
+            t_epoch = time.perf_counter()
+            _checkpoint(state, env, epoch, step_in_epoch + 1)
+    bar.close()
+    state.partial["seconds"] += time.perf_counter() - t_epoch
+    _end_epoch(state, env, epoch)
+
+
+def _train_step(state: TrainState, env: FitEnv, images: torch.Tensor, labels: torch.Tensor, global_size: int,
+                epoch: int, step_in_epoch: int) -> tuple[float, int]:
+    """One optimizer step on this rank's share of a global batch of ``global_size`` items;
+    returns (this rank's summed loss, its item count)."""
+    cfg, info, device = env.cfg, env.info, env.device
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    state.scheduler.step_update(state.global_step)
+    with autocast_context(device, cfg.precision):
+        logits = logits_of(state.net(images))
+    loss_sum = state.criterion(logits.float(), labels)
+    loss_value = loss_sum.item()  # the step's one host sync for the loss
+    if not _all_ranks_finite(loss_value, info, device):
+        raise _stop(state, env, f"training loss ({loss_value})", _step_name(state, epoch, step_in_epoch))
+    scale = info.world / global_size
+    _update(state, cfg, loss_sum * scale)
+    # the step is accepted only with finite weights (a finite gradient can still blow a
+    # weight up, e.g. through weight decay at a huge lr); max |w| is finite iff all are,
+    # and DDP keeps every rank's weights equal, so no rank is left waiting
+    if not torch.isfinite(nn.utils.get_total_norm(state.trainable, norm_type=math.inf)).item():
+        bad = nonfinite_tensors(dict(_unwrap(state.net).named_parameters()), only_trainable=True)
+        raise _stop(state, env, f"weights in {len(bad)} of {len(state.trainable)} trained tensor(s) (e.g. "
+                    f"{bad[0] if bad else '?'}) after the update", _step_name(state, epoch, step_in_epoch))
+    state.global_step += 1
+    partial = state.partial
+    with torch.no_grad():
+        if state.global_step == 1:  # the loss before any update: where training started
+            partial["start_loss"] = loss_value / labels.numel()
+        partial["loss"] += loss_value
+        partial["correct"] += (logits.argmax(1) == labels).sum().item()
+        partial["count"] += labels.numel()
+    state.images_total += labels.numel() * info.world
+    return loss_value, labels.numel()
+
+
+def _update(state: TrainState, cfg: TrainConfig, loss: torch.Tensor) -> None:
+    """Backward, optional gradient clipping, optimizer step (through the grad scaler under fp16)."""
+    scaler, optimizer = state.scaler, state.optimizer
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if cfg.grad_clip is not None:
+        nn.utils.clip_grad_norm_(state.trainable, cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _show_step(state: TrainState, env: FitEnv, bar: Any, step_loss: float, epoch_elapsed: float) -> None:
+    """Rank 0's progress bar and per-step tensorboard scalars."""
+    partial = state.partial
+    el = partial["seconds"] + epoch_elapsed
+    bar.update(1)
+    bar.set_postfix(loss=f"{partial['loss'] / partial['count']:.3f}",
+                    acc=f"{100 * partial['correct'] / partial['count']:.1f}",
+                    img_s=f"{partial['count'] * env.info.world / max(el, 1e-9):.1f}", refresh=False)
+    if env.writer is not None:
+        env.writer.add_scalar("train/loss_step", step_loss, state.global_step)
+        env.writer.add_scalar("train/lr", state.lr, state.global_step)
+
+
+def _end_epoch(state: TrainState, env: FitEnv, epoch: int) -> None:
+    """The finished epoch's metrics row (with an evaluation when due), its log line, tensorboard
+    scalars and metrics.csv, then the end-of-epoch checkpoint."""
+    cfg, info = env.cfg, env.info
+    row = _epoch_row(state.partial, info, epoch, state.global_step, state.lr)
+    if env.eval_data is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+        if info.is_main:
+            state.last_eval = evaluate_model(state.model, env.eval_data,
+                                             batch_size=cfg.eval_batch_size or cfg.batch_size, device=env.device,
+                                             precision=cfg.precision, num_workers=cfg.num_workers)
+            row["eval_loss"], row["eval_acc"] = state.last_eval["loss"], state.last_eval["accuracy"]
+        if info.world > 1:
+            dist.barrier()
+    state.history.append(row)
+    if info.is_main:
+        env.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.1f}% "
+                f"lr {row['lr']:.3g} {row['images_per_s']:.1f} img/s"
+                + (f" eval acc {row['eval_acc']:.1f}%" if "eval_acc" in row else ""))
+        if env.writer is not None:
+            for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "images_per_s"):
+                if key in row:
+                    env.writer.add_scalar(key.replace("_", "/", 1), row[key], epoch + 1)
+        if env.out is not None:
+            write_metrics_csv(env.out / "metrics.csv", state.history)
+    state.partial = _fresh_sums()
+    _checkpoint(state, env, epoch + 1, 0)
+
+
+def _checkpoint(state: TrainState, env: FitEnv, epoch: int, step_in_epoch: int) -> None:
+    """Write the state at (epoch, step in epoch) to ``checkpoints/last.pt`` (rank 0), refusing
+    non-finite weights so the checkpoint on disk always holds finite ones."""
+    if env.ckpt_path is None:
+        return
+    net = _unwrap(state.net)
+    # every rank holds the same weights (DDP), so every rank agrees on this check
+    bad = nonfinite_tensors(dict(net.named_parameters()), only_trainable=True) + \
+        nonfinite_tensors(dict(net.named_buffers()))
+    if bad:
+        raise _stop(state, env, f"weights in {len(bad)} trained tensor(s) (e.g. {bad[0]})",
+                    f"when saving the checkpoint after global step {state.global_step} (not written)")
+    if not env.info.is_main:
+        return
+    save_checkpoint(env.ckpt_path, model=trainable_state(net), optimizer=state.optimizer.state_dict(),
+                    scheduler=state.scheduler.state_dict(),
+                    scaler=state.scaler.state_dict() if state.scaler else None,
+                    rng=rng_state(), epoch=epoch, step_in_epoch=step_in_epoch, global_step=state.global_step,
+                    history=state.history, partial=state.partial, config=config_fingerprint(env.cfg),
+                    world=env.info.world)
+    state.saved_at = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state.global_step}
+
+
+def _step_name(state: TrainState, epoch: int, step_in_epoch: int) -> str:
+    return f"at epoch {epoch + 1}, step {step_in_epoch + 1} (global step {state.global_step + 1})"
+
+
+def _stop(state: TrainState, env: FitEnv, what: str, at: str) -> NonFiniteLossError:
+    """The one-line error for a non-finite ``what`` found ``at`` a point, naming the checkpoint kept."""
+    saved_at = state.saved_at
+    if env.ckpt_path is None:
+        where = "nothing was saved (no output folder)"
+    elif saved_at is None:
+        where = f"no checkpoint had been written yet, so {env.out} holds no trained weights"
+    else:
+        e, k = saved_at["epoch"], saved_at["step_in_epoch"]
+        pos = f"the end of epoch {e}" if k == 0 else f"step {k} of epoch {e + 1}"
+        where = (f"the last checkpoint with finite weights is kept: {env.ckpt_path} (after global step "
+                 f"{saved_at['global_step']}, {pos})")
+    return NonFiniteLossError(
+        f"training stopped: non-finite {what} {at}, lr {state.lr:.3g}; {where}. "
+        f"Try a lower lr, grad_clip, or precision fp32.")
+
+
+def _finish(state: TrainState, env: FitEnv, t_start: float) -> FitResult:
+    """Close tensorboard, wait for every rank, and sum the run up."""
+    if env.writer is not None:
+        env.writer.close()
+    seconds = time.perf_counter() - t_start
+    if env.info.world > 1:
+        dist.barrier()
+    return FitResult(history=state.history, global_step=state.global_step, steps_per_epoch=state.steps_per_epoch,
+                     train_seconds=seconds, images_per_s=state.images_total / max(seconds, 1e-9),
+                     peak=peak_memory_mb(env.device), resumed_from=state.resumed_from, last_eval=state.last_eval)
 
 
 def _epoch_row(partial: dict[str, Any], info: DistInfo, epoch: int, global_step: int, lr: float) -> dict[str, Any]:

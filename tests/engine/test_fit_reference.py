@@ -1,0 +1,167 @@
+"""fit() keeps its numerics bit for bit: every trained tensor and buffer, the history and the log
+of a few fixed-seed runs equal what the code recorded in ``fixtures/fit_reference.json`` produced.
+
+The fixture was written by the loop as it was before it became a ``TrainState`` and named steps
+(see its ``made_by``); a change that means to alter the numerics re-records it with
+``python tests/engine/test_fit_reference.py --record`` and says so. Bit equality holds for one
+torch build on one kind of CPU; under another torch version the comparison is skipped (it would
+compare two libraries, not two versions of this loop).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_helpers import Crash, TinyTask  # noqa: E402
+from sensitune.engine.config import build_config  # noqa: E402
+from sensitune.engine.trainer import NonFiniteLossError, fit  # noqa: E402
+
+FIXTURE = Path(__file__).with_name("fixtures") / "fit_reference.json"
+WALL_CLOCK = {"epoch_seconds", "images_per_s"}
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             embed_dim=32, num_heads=2, num_classes=3, drop_path_rate=0.1)
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def _is_head(name: str, p: nn.Parameter) -> bool:
+    return name.startswith(("head.", "8."))
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    return "pos_embed" in name
+
+
+#: name -> (model, training data, settings, with an evaluation split): drop-path, augmentation,
+#: head lr, clipping, label smoothing, mid-epoch checkpoints, a partial last batch, each norm_stats
+CASES: dict[str, tuple[Any, Any, dict[str, Any], bool]] = {
+    "vit": (_vit, lambda: TinyTask(40, augment=True), dict(
+        epochs=2, batch_size=8, lr=2e-3, warmup_epochs=1, progress=False, weight_decay=0.05, head_lr=5e-3,
+        grad_clip=1.0, label_smoothing=0.1, eval_every=1, checkpoint_every=2, norm_stats="pretrained"), True),
+    "cnn_batchnorm": (_cnn, lambda: TinyTask(42), dict(
+        epochs=2, batch_size=8, lr=3e-3, warmup_epochs=0.5, progress=False, drop_last=False, norm_stats="batch",
+        weight_decay=0.01), False),
+    "cnn_frozen_norms": (_cnn, lambda: TinyTask(42), dict(
+        epochs=1, batch_size=8, lr=3e-3, progress=False, norm_stats="pretrained-if-frozen"), False),
+}
+
+
+def _digest(model: nn.Module) -> dict[str, str]:
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t = t.detach().cpu().contiguous()
+        out[name] = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16] + f":{t.dtype}"
+    return out
+
+
+def _summary(model: nn.Module, r: Any, logs: list[str], out: Path | None) -> dict[str, Any]:
+    return {"tensors": _digest(model), "requires_grad": [n for n, p in model.named_parameters() if p.requires_grad],
+            "history": [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in r.history],
+            "global_step": r.global_step, "steps_per_epoch": r.steps_per_epoch, "resumed_from": r.resumed_from,
+            "last_eval": None if r.last_eval is None else
+            {k: r.last_eval[k] for k in ("accuracy", "loss", "num_samples")},
+            # the epoch lines without their wall-clock tail (lr ... img/s)
+            "logs": [s for s in logs if "img/s" not in s] + [s.rsplit(" lr ", 1)[0] for s in logs if "img/s" in s],
+            "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) if out else None}
+
+
+def run_case(name: str, root: Path) -> dict[str, Any]:
+    make_model, make_data, settings, with_eval = CASES[name]
+    model = make_model()
+    if name == "cnn_frozen_norms":
+        for p in model[1].parameters():
+            p.requires_grad_(False)
+    logs: list[str] = []
+    out = root / name
+    r = fit(model, make_data(), build_config(overrides=settings), out_dir=out,
+            eval_data=TinyTask(12, seed=5) if with_eval else None, no_decay=_no_decay, head=_is_head, log=logs.append)
+    res = _summary(model, r, logs, out)
+    res["metrics_csv_header"] = (out / "metrics.csv").read_text().splitlines()[0]
+    return res
+
+
+def run_resumed(root: Path) -> dict[str, Any]:
+    """The "vit" case killed at step 3 of epoch 2 (after a mid-epoch checkpoint), then resumed."""
+    make_model, make_data, settings, _ = CASES["vit"]
+    out = root / "vit_resume"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(make_model(), Crash(40 + 8 * 3 + 2, n=40, augment=True), build_config(overrides=settings), out_dir=out,
+            eval_data=TinyTask(12, seed=5), no_decay=_no_decay, head=_is_head, log=lambda s: None)
+    model, logs = make_model(), []
+    r = fit(model, make_data(), build_config(overrides=settings), out_dir=out, eval_data=TinyTask(12, seed=5),
+            resume=True, no_decay=_no_decay, head=_is_head, log=logs.append)
+    return _summary(model, r, [s.replace(str(out), "<OUT>") for s in logs], out)
+
+
+def run_nonfinite(root: Path) -> dict[str, str | None]:
+    """The NonFiniteLossError messages of a run at a huge lr, with and without an output folder."""
+    msgs: dict[str, str | None] = {}
+    for name, out in (("loss", root / "nf1"), ("noout", None)):
+        try:
+            fit(_cnn(), TinyTask(42), build_config(overrides=dict(epochs=3, batch_size=8, progress=False, lr=1e6,
+                                                                  warmup_epochs=0)), out_dir=out, log=lambda s: None)
+            msgs[name] = None
+        except NonFiniteLossError as exc:
+            msgs[name] = str(exc).replace(str(root), "<ROOT>")
+    return msgs
+
+
+def record_all(root: Path) -> dict[str, Any]:
+    rec = {name: run_case(name, root) for name in CASES}
+    rec["vit_resume"] = run_resumed(root)
+    rec["nonfinite"] = run_nonfinite(root)
+    return rec
+
+
+def _reference() -> dict[str, Any]:
+    ref = json.loads(FIXTURE.read_text())
+    if ref["torch"] != torch.__version__:
+        pytest.skip(f"the reference was recorded under torch {ref['torch']}, this is {torch.__version__}")
+    return ref["cases"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fit_is_bit_identical_to_the_reference(name, tmp_path):
+    ref = _reference()[name]
+    got = json.loads(json.dumps(run_case(name, tmp_path)))  # the fixture's JSON round trip (tuples -> lists)
+    assert got["tensors"] == ref["tensors"]
+    assert got == ref
+
+
+def test_resumed_fit_is_bit_identical_to_the_reference(tmp_path):
+    ref = _reference()
+    got = json.loads(json.dumps(run_resumed(tmp_path)))
+    assert got == ref["vit_resume"]
+    assert got["tensors"] == ref["vit"]["tensors"]  # and ends exactly like the uninterrupted run
+    assert got["resumed_from"] == {"epoch": 1, "step_in_epoch": 3, "global_step": 8}
+
+
+def test_nonfinite_messages_match_the_reference(tmp_path):
+    assert run_nonfinite(tmp_path) == _reference()["nonfinite"]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
+    import tempfile
+
+    torch.set_num_threads(1)  # as conftest.py runs the tests
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = json.loads(json.dumps(record_all(Path(tmp))))
+    FIXTURE.write_text(json.dumps({"made_by": "re-recorded: say in the commit why the numerics changed",
+                                   "torch": torch.__version__, "cases": cases}, indent=1, sort_keys=True) + "\n")
