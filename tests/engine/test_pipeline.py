@@ -144,3 +144,51 @@ def test_setup_errors_leave_no_run_behind(task, tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         train(model, task, "linear", tmp_path / "r", log=lambda s: None, **{**FAST, **kwargs})
     assert not (tmp_path / "r" / "run.json").exists()
+
+
+# -- results.json stays what the bench, the report and earlier run folders read ---------------------
+#: results.json of the lora_run above, written by train() before it became stages over a TrainRun
+#: (the ~40-key dict built by hand); its keys, their order and types are the contract
+BEFORE_STAGES = Path(__file__).with_name("fixtures") / "results_lora_before_stages.json"
+WALL_CLOCK = {"wall_seconds", "train_seconds", "stage_seconds", "images_per_s", "peak_memory_mb"}
+
+
+def test_results_json_keeps_the_keys_order_and_types_of_earlier_runs(lora_run):
+    out, res = lora_run
+    before = json.loads(BEFORE_STAGES.read_text())
+    now = json.loads((out / "results.json").read_text())
+    assert list(now) == list(before)  # same keys, same order
+    assert list(now["stage_seconds"]) == list(before["stage_seconds"]) == ["setup", "plan", "train", "evaluate", "save"]
+    assert {k: type(v).__name__ for k, v in now.items()} == {k: type(v).__name__ for k, v in before.items()}
+    assert list(now["config"]) == list(before["config"]) and list(now["model_source"]) == list(before["model_source"])
+    # what does not depend on numerics or the clock is equal, value for value
+    same = ("format", "status", "model", "method", "budget", "task_name", "group", "num_classes", "protocol",
+            "train_split", "eval_split", "eval_samples", "epochs", "steps", "lr", "seed", "trainable_params",
+            "trainable_params_without_head", "trainable_params_measured", "backbone_params", "plan_mix",
+            "bytes_estimate", "bytes_estimate_without_head", "delta", "resumed_from", "device", "world_size",
+            "precision", "model_source", "base_fingerprint", "img_size", "diverged")
+    assert {k: now[k] for k in same} == {k: before[k] for k in same}
+    assert {k: v for k, v in now["config"].items() if k != "data_root"} == \
+        {k: v for k, v in before["config"].items() if k != "data_root"}
+    assert all(now[k] > 0 for k in WALL_CLOCK - {"stage_seconds"})
+
+
+def test_results_json_is_the_returned_dict_as_indented_json(lora_run):
+    """The bytes are json.dumps(indent=2) + newline (what pipeline's own writer wrote before
+    sensitune.io's replaced it), and the file holds what train() returned."""
+    out, res = lora_run
+    text = (out / "results.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"
+    assert json.loads(text) == json.loads(json.dumps(res))
+    run = json.loads((out / "run.json").read_text())
+    assert (out / "run.json").read_text() == json.dumps(run, indent=2) + "\n"
+    assert list(run) == ["format", "model", "task", "method", "budget", "config", "splits", "world_size",
+                         "base_fingerprint"]
+
+
+def test_run_results_fields_are_results_json_keys():
+    from dataclasses import fields
+
+    from sensitune.engine.pipeline import RunResults
+
+    assert [f.name for f in fields(RunResults)] == list(json.loads(BEFORE_STAGES.read_text()))

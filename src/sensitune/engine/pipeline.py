@@ -1,7 +1,12 @@
 """``train()``: one call from a model name and a task to a trained, evaluated, saved run.
 
 score (when the method needs scores) -> plan -> apply -> fit -> evaluate -> save; every stage
-writes its output into the run folder, so a run can be inspected, resumed or re-evaluated:
+writes its output into the run folder, so a run can be inspected, resumed or re-evaluated.
+``train`` reads as its stages (as torchtune's recipes do): ``_setup`` (method, budget,
+settings), ``_check_run``, ``_open_splits``, ``_setup_model``, ``_setup_data``,
+``_prepare_folder``, then ``_score``, ``_plan``, ``_fit``, ``_evaluate``, ``_save`` and
+``_finish``, each over a :class:`TrainRun` that carries what one stage hands the next; the
+results are a :class:`RunResults` whose ``to_dict()`` is results.json:
 
     run.json            what this run is (model, task, method, budget, settings)
     scores.safetensors  the scorer's output (methods with a scorer)
@@ -26,22 +31,24 @@ refused, listing them (see README, "Resuming a run").
 """
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from sensitune.engine.checkpoint import load_checkpoint, load_trainable_state
-from sensitune.io import atomic_write_text
 from sensitune.engine.config import TrainConfig, build_config
 from sensitune.engine.evaluation import evaluate_model
 from sensitune.engine.trainer import (
+    DistInfo,
+    FitResult,
     describe_diff,
     distributed,
     divergence,
@@ -51,9 +58,11 @@ from sensitune.engine.trainer import (
     resolve_device,
     settings_diff,
 )
+from sensitune.io import read_json, write_json
 from sensitune.methods import Method, get_method
 
 RUN_FORMAT = "sensitune-run/1"
+RESULTS_FORMAT = "sensitune-results/1"
 #: what must be equal for --resume to continue a run
 IDENTITY_KEYS = ("model", "task", "method", "budget")
 #: scorers that run the model forward in training mode and take a ``batchnorm`` mode
@@ -61,38 +70,17 @@ GRADIENT_SCORERS = ("sensitivity", "gps")
 
 
 # -- run folder ------------------------------------------------------------------------------------
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    return str(o)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-
-
 def _started(out: Path) -> bool:
     """Whether the run in ``out`` got as far as training (a checkpoint or its results exist)."""
     return (out / "checkpoints" / "last.pt").is_file() or (out / "results.json").is_file()
 
 
 def _read_marker(marker: Path) -> dict[str, Any] | None:
+    """run.json's content, or None when it is unreadable or not a JSON object."""
     try:
-        data = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(marker)
+    except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _identity_diff(previous: dict[str, Any], identity: dict[str, Any]) -> list[str]:
@@ -318,7 +306,115 @@ def _on_main(info, fn: Callable[[], Any]) -> Any:
     raise (FileNotFoundError if status == "FileNotFoundError" else ValueError)(value)
 
 
-# -- the pipeline ------------------------------------------------------------------------------------
+# -- the pipeline: a run and its stages ------------------------------------------------------------
+@dataclass(kw_only=True)
+class RunResults:
+    """results.json of a finished run, one field per key in the file's order (the bench, the
+    report and earlier run folders read these keys; ``tests/engine`` pins them)."""
+    format: str = RESULTS_FORMAT
+    status: str = "complete"
+    model: Any
+    task: str
+    method: str
+    budget: Any
+    task_name: str
+    group: Any
+    num_classes: int
+    protocol: str
+    train_split: str
+    eval_split: str
+    accuracy: float
+    eval_loss: float
+    eval_samples: int
+    per_class_accuracy: dict[str, float | None]
+    train_loss: float
+    train_accuracy: float
+    train_loss_start: float | None
+    divergence: str | None
+    diverged: bool
+    epochs: int
+    steps: int
+    lr: float
+    seed: int
+    trainable_params: int
+    trainable_params_without_head: int
+    trainable_params_measured: int
+    backbone_params: int
+    plan_mix: Any
+    bytes_estimate: int
+    bytes_estimate_without_head: int
+    delta: str
+    delta_bytes_on_disk: int
+    wall_seconds: float
+    train_seconds: float
+    stage_seconds: dict[str, float]
+    images_per_s: float
+    peak_memory_mb: float
+    peak_memory_kind: str
+    resumed_from: dict[str, int] | None
+    device: str
+    world_size: int
+    precision: str
+    model_source: dict[str, Any]
+    base_fingerprint: str
+    img_size: int
+    config: dict[str, Any]
+    versions: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The results.json mapping, keys in field order (values as they are: no copy)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class RunData:
+    """The task's splits under the transforms of the run's backbone, and what a delta records of the task."""
+    train: Dataset  # augmented, for training
+    train_plain: Dataset  # evaluation transform, for scoring
+    eval: Dataset
+    name: str
+    group: Any
+    num_classes: int
+    class_names: list[str]
+    data_config: dict[str, Any]
+
+
+@dataclass
+class TrainRun:
+    """One ``train()`` call: its settings and folder, and what each stage hands the next."""
+    method: Method
+    cfg: TrainConfig
+    out: Path
+    info: DistInfo
+    log: Callable[[str], None]
+    budget: Any
+    t0: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
+    action: str = "new"  # what check_run_dir decided
+    net: nn.Module | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    base_fingerprint: str = ""
+    early_plan: Any = None  # a plan made during validation (methods without a scorer)
+    data: RunData | None = None
+    device: torch.device | None = None
+
+    @property
+    def resuming(self) -> bool:
+        return self.action == "resume"
+
+    @property
+    def splits(self) -> tuple[str, str]:
+        return self.cfg.splits()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage into ``stage_seconds[name]``."""
+        t = time.perf_counter()
+        yield
+        self.stage_seconds[name] = time.perf_counter() - t
+
+
 def train(
     model: str | nn.Module,
     task: str | Path,
@@ -342,185 +438,247 @@ def train(
     The returned dict holds ``accuracy`` (top-1 % on the eval split), ``eval_loss``,
     ``train_loss`` and the other results (see module docstring).
     """
-    t0 = time.perf_counter()
-    m = get_method(method)
-    budget = m.check_budget(budget)  # syntax, at least one parameter, a share within (0, 100] %
-    cfg = build_config(m.train, config, overrides)
-    out = Path(out)
-    info = distributed(cfg.device)
-    if not info.is_main:
-        log = _quiet
-    stage_seconds: dict[str, float] = {}
-
-    # 1. validate everything before any work and before anything is written
-    t = time.perf_counter()
-    from sensitune.data import DEFAULT_MINI_IMG_SIZE, build_transform, resolve_task
-
-    _check_settings(m, cfg, info)
-    _, _, builtin = resolve_task(task, data_root=cfg.data_root)
-    if cfg.img_size is None and builtin:
-        cfg.img_size = DEFAULT_MINI_IMG_SIZE  # the built-in tasks are small images
-    train_split, eval_split = cfg.splits()
-    identity = {"format": RUN_FORMAT, "model": model if isinstance(model, str) else type(model).__name__,
-                "task": str(task), "method": m.name, "budget": budget}
-    action = _on_main(info, lambda: check_run_dir(out, identity, cfg, resume=resume, overwrite=overwrite))
-    if action == "complete":
-        log(f"{out}: run already complete with these settings; returning its results")
-        return read_json(out / "results.json")
-    resuming = action == "resume"
-    data = _open_data(task, cfg, info, (train_split, eval_split))
-    train_set, eval_set = data[train_split], data[eval_split]
-    _check_batch(cfg, len(train_set), train_split, info)
-    torch.manual_seed(cfg.seed)  # a fresh head / random init is part of the run's seed
-    net, source = _build_model(model, train_set.num_classes, cfg)
-    if budget is not None:
-        _check_budget_range(budget, net)
-    from sensitune.models import data_config, weights_fingerprint
-    from sensitune.planning import Plan, make_plan
-
-    plan_path = out / "plan.json"
-    early_plan = None
-    if m.scorer is None and not (resuming and plan_path.is_file()):
-        # a plan without scores is cheap: making it now checks every option against the model
-        early_plan = make_plan(net, None, m.plan, budget=budget, **{**m.plan_options, **cfg.method_options})
-    base_fingerprint = weights_fingerprint(net)
-    dc = data_config(net, cfg.img_size)
-    eval_tf = build_transform(dc, img_size=cfg.img_size, train=False)
-    train_data = train_set.with_transform(build_transform(dc, img_size=cfg.img_size, train=True,
-                                                          augment=cfg.augment))
-    train_plain = train_set.with_transform(eval_tf)
-    eval_data = eval_set.with_transform(eval_tf)
-    task_info = {"name": train_set.name, "group": train_set.group, "num_classes": train_set.num_classes,
-                 "class_names": list(train_set.class_names), "data_config": dc}
-
-    # 2. the run folder: only now is anything cleared or written
-    if info.is_main:
-        if action == "clear":
-            if not overwrite:
-                log(f"{out}: the run there never started training; starting it afresh")
-            clear_run_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "run.json", {**identity, "config": cfg.to_dict(), "splits": [train_split, eval_split],
-                                      "world_size": info.world, "base_fingerprint": base_fingerprint})
-    if info.world > 1:
-        torch.distributed.barrier()
-    device = resolve_device(cfg.device, info.local_rank)
-    net.to(device)
-    stage_seconds["setup"] = time.perf_counter() - t
-
-    # score
-    scores = None
-    if m.scorer is not None:
-        t = time.perf_counter()
-        scores_path = out / "scores.safetensors"
-        from sensitune.scoring import ScoreMap, score
-
-        if resuming and scores_path.is_file():
-            scores = ScoreMap.load(scores_path)
-            log(f"scores: reusing {scores_path}")
-        else:
-            log(f"scores: {m.scorer} on {task_info['name']}/{train_split}")
-            scores = score(net, train_plain, m.scorer, **_score_options(m, cfg, info))
-            if info.is_main:
-                scores.save(scores_path)
-        stage_seconds["score"] = time.perf_counter() - t
-
-    # plan and apply
-    t = time.perf_counter()
-    from sensitune.tuners import apply_plan
-
-    if resuming and plan_path.is_file():
-        plan = Plan.load(plan_path)
-        log(f"plan: reusing {plan_path}")
-    else:
-        plan = early_plan if early_plan is not None else make_plan(net, scores, m.plan, budget=budget, **{**m.plan_options, **cfg.method_options})
-        if info.is_main:
-            plan.save(plan_path)
-    apply_plan(net, plan)
-    # after scoring (SPT's sensitivities flow through the head: a zero head would zero them all),
-    # only a head made here (never a given model's), and only a float one (a 1-bit head's scale is
-    # the spread of its weights, which zeros would collapse)
-    # and only a head the plan trains (a frozen zero head would output zeros and pass no gradient)
-    head_units = [u for u in plan.units if plan.is_head_unit(u)]
-    if cfg.head_init == "zero" and isinstance(model, str):
-        if not head_units:
-            log("head_init=zero: skipped, the plan does not train the head; it keeps the default init")
-        elif any(u.bits < 32 for u in head_units):
-            log("head_init=zero: skipped for a quantised head (head_bits < 32); it keeps the default init")
-        else:
-            _zero_head(net)
-    trainable_now = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    log(plan.summary())
-    stage_seconds["plan"] = time.perf_counter() - t
-
-    # train
-    t = time.perf_counter()
-    roles = _plan_roles(net)
-    norm_before = _norm_buffers(net)
-    fitted = fit(net, train_data, cfg, out_dir=out, eval_data=eval_data, resume=resuming,
-                 no_decay=_no_decay_from_plan(roles), head=lambda name, p: roles.get(name) == "head", log=log)
-    # the delta carries norm statistics only when training moved them (only under norm_stats
-    # batch / pretrained-if-frozen; the base holds them otherwise); a resumed run compares the
-    # checkpoint's statistics with the pretrained ones it rebuilt
-    norm_after = _norm_buffers(net)
-    norm_moved = any(not torch.equal(norm_before[k], v.to(norm_before[k].device)) for k, v in norm_after.items())
-    stage_seconds["train"] = time.perf_counter() - t
-
-    # evaluate and save (rank 0)
+    run = _setup(method, out, budget, config, overrides, log)
+    with run.stage("setup"):
+        # 1. validate everything before any work and before anything is written
+        _check_run(run, model, task, resume=resume, overwrite=overwrite)
+        if run.action == "complete":
+            run.log(f"{run.out}: run already complete with these settings; returning its results")
+            return read_json(run.out / "results.json")
+        train_set, eval_set = _open_splits(run, task)
+        _setup_model(run, model, train_set)
+        _setup_data(run, train_set, eval_set)
+        # 2. the run folder: only now is anything cleared or written
+        _prepare_folder(run, overwrite)
+    scores = _score(run)
+    plan, trainable_now = _plan(run, scores, head_made_here=isinstance(model, str))
+    fitted, norm_moved = _fit(run)
     results: dict[str, Any] = {}
-    if info.is_main:
-        t = time.perf_counter()
-        ev = evaluate_model(net, eval_data, batch_size=cfg.eval_batch_size or cfg.batch_size, device=device,
-                            precision=cfg.precision, num_workers=cfg.num_workers, out=out, prefix=f"eval_{eval_split}_")
-        stage_seconds["evaluate"] = time.perf_counter() - t
-        t = time.perf_counter()
-        delta = _save_delta(net, out, {"class_names": task_info["class_names"], "data_config": task_info["data_config"],
-                                       "backbone": {**source, "img_size": cfg.img_size},
-                                       "base_fingerprint": base_fingerprint}, norm_moved)
-        stage_seconds["save"] = time.perf_counter() - t
-        last = fitted.history[-1]
-        diverged = divergence(fitted.history)
-        if diverged:
-            log(f"WARNING: this run diverged ({diverged}); its accuracy is not a result")
-        results = {
-            "format": "sensitune-results/1",
-            "status": "complete",
-            **{k: identity[k] for k in IDENTITY_KEYS},
-            "task_name": task_info["name"], "group": task_info["group"], "num_classes": task_info["num_classes"],
-            "protocol": cfg.protocol, "train_split": train_split, "eval_split": eval_split,
-            "accuracy": ev["accuracy"], "eval_loss": ev["loss"], "eval_samples": ev["num_samples"],
-            "per_class_accuracy": ev["per_class_accuracy"],
-            "train_loss": last["train_loss"], "train_accuracy": last["train_acc"],
-            "train_loss_start": fitted.history[0].get("start_loss"), "divergence": diverged,
-            "diverged": diverged is not None,
-            "epochs": cfg.epochs, "steps": fitted.global_step, "lr": cfg.lr, "seed": cfg.seed,
-            "trainable_params": plan.num_trainable(True),
-            "trainable_params_without_head": plan.num_trainable(False),
-            "trainable_params_measured": trainable_now,
-            "backbone_params": plan.backbone_params,
-            "plan_mix": plan.mix(),
-            "bytes_estimate": plan.nbytes(True), "bytes_estimate_without_head": plan.nbytes(False),
-            **delta,
-            "wall_seconds": time.perf_counter() - t0,
-            "train_seconds": fitted.train_seconds,
-            "stage_seconds": stage_seconds,
-            "images_per_s": fitted.images_per_s,
-            **peak_memory_mb(device),
-            "resumed_from": fitted.resumed_from,
-            "device": str(device), "world_size": info.world, "precision": cfg.precision,
-            "model_source": source, "base_fingerprint": base_fingerprint,
-            "img_size": cfg.img_size or task_info["data_config"]["input_size"][-1],
-            "config": cfg.to_dict(),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        }
-        write_json(out / "results.json", results)
-        log(f"{task_info['name']} {m.name}: {eval_split} accuracy {ev['accuracy']:.2f}% "
-            f"({results['trainable_params_without_head']:,} trainable without head) -> {out}")
-    if info.world > 1:
+    if run.info.is_main:
+        ev = _evaluate(run)
+        delta = _save(run, norm_moved)
+        results = _finish(run, plan, trainable_now, fitted, ev, delta).to_dict()
+        write_json(run.out / "results.json", results)
+        run.log(f"{run.data.name} {run.method.name}: {run.splits[1]} accuracy {ev['accuracy']:.2f}% "
+                f"({results['trainable_params_without_head']:,} trainable without head) -> {run.out}")
+    if run.info.world > 1:
         obj = [results]
         torch.distributed.broadcast_object_list(obj, src=0)
         results = obj[0]
     return results
+
+
+def _setup(method: str | Method, out: str | Path, budget: Any, config: Any, overrides: Mapping[str, Any],
+          log: Callable[[str], None]) -> TrainRun:
+    """The method, its budget (syntax, at least one parameter, a share within (0, 100] %), the
+    settings and this process's place under torchrun (only rank 0 logs)."""
+    t0 = time.perf_counter()
+    m = get_method(method)
+    budget = m.check_budget(budget)
+    cfg = build_config(m.train, config, overrides)
+    info = distributed(cfg.device)
+    return TrainRun(method=m, cfg=cfg, out=Path(out), info=info, log=log if info.is_main else _quiet,
+                    budget=budget, t0=t0)
+
+
+def _check_run(run: TrainRun, model: str | nn.Module, task: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Settings and method options, the task's name, the image size of built-in tasks, and what
+    to do with the folder (``run.action``); nothing is read beyond the task's index, nothing written."""
+    from sensitune.data import DEFAULT_MINI_IMG_SIZE, resolve_task
+
+    cfg = run.cfg
+    _check_settings(run.method, cfg, run.info)
+    _, _, builtin = resolve_task(task, data_root=cfg.data_root)
+    if cfg.img_size is None and builtin:
+        cfg.img_size = DEFAULT_MINI_IMG_SIZE  # the built-in tasks are small images
+    run.identity = {"format": RUN_FORMAT, "model": model if isinstance(model, str) else type(model).__name__,
+                    "task": str(task), "method": run.method.name, "budget": run.budget}
+    run.action = _on_main(run.info, lambda: check_run_dir(run.out, run.identity, cfg, resume=resume,
+                                                          overwrite=overwrite))
+
+
+def _open_splits(run: TrainRun, task: str | Path) -> tuple[Dataset, Dataset]:
+    """Both splits, every image decoded, and at least one batch of training data."""
+    train_split, eval_split = run.splits
+    data = _open_data(task, run.cfg, run.info, (train_split, eval_split))
+    train_set, eval_set = data[train_split], data[eval_split]
+    _check_batch(run.cfg, len(train_set), train_split, run.info)
+    return train_set, eval_set
+
+
+def _setup_model(run: TrainRun, model: str | nn.Module, train_set: Dataset) -> None:
+    """The backbone with the task's head, the budget against its size, the base fingerprint, and
+    (for a method without a scorer) its plan now: that checks every option against the model."""
+    from sensitune.models import weights_fingerprint
+    from sensitune.planning import make_plan
+
+    cfg, m = run.cfg, run.method
+    torch.manual_seed(cfg.seed)  # a fresh head / random init is part of the run's seed
+    net, run.source = _build_model(model, train_set.num_classes, cfg)
+    if run.budget is not None:
+        _check_budget_range(run.budget, net)
+    if m.scorer is None and not (run.resuming and (run.out / "plan.json").is_file()):
+        run.early_plan = make_plan(net, None, m.plan, budget=run.budget, **{**m.plan_options, **cfg.method_options})
+    run.base_fingerprint = weights_fingerprint(net)
+    run.net = net
+
+
+def _setup_data(run: TrainRun, train_set: Any, eval_set: Any) -> None:
+    """The splits under the backbone's transforms (augmented for training, plain for scoring and evaluation)."""
+    from sensitune.data import build_transform
+    from sensitune.models import data_config
+
+    cfg = run.cfg
+    dc = data_config(run.net, cfg.img_size)
+    eval_tf = build_transform(dc, img_size=cfg.img_size, train=False)
+    run.data = RunData(
+        train=train_set.with_transform(build_transform(dc, img_size=cfg.img_size, train=True, augment=cfg.augment)),
+        train_plain=train_set.with_transform(eval_tf), eval=eval_set.with_transform(eval_tf),
+        name=train_set.name, group=train_set.group, num_classes=train_set.num_classes,
+        class_names=list(train_set.class_names), data_config=dc)
+
+
+def _prepare_folder(run: TrainRun, overwrite: bool) -> None:
+    """Clear the folder if asked, write run.json (rank 0), then put the model on its device."""
+    out, info = run.out, run.info
+    if info.is_main:
+        if run.action == "clear":
+            if not overwrite:
+                run.log(f"{out}: the run there never started training; starting it afresh")
+            clear_run_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", {**run.identity, "config": run.cfg.to_dict(), "splits": list(run.splits),
+                                      "world_size": info.world, "base_fingerprint": run.base_fingerprint})
+    if info.world > 1:
+        torch.distributed.barrier()
+    run.device = resolve_device(run.cfg.device, info.local_rank)
+    run.net.to(run.device)
+
+
+def _score(run: TrainRun) -> Any:
+    """The scorer's ScoreMap on the training split (reused from the folder when resuming), or
+    None for a method without a scorer."""
+    m = run.method
+    if m.scorer is None:
+        return None
+    from sensitune.scoring import ScoreMap, score
+
+    with run.stage("score"):
+        scores_path = run.out / "scores.safetensors"
+        if run.resuming and scores_path.is_file():
+            run.log(f"scores: reusing {scores_path}")
+            return ScoreMap.load(scores_path)
+        run.log(f"scores: {m.scorer} on {run.data.name}/{run.splits[0]}")
+        scores = score(run.net, run.data.train_plain, m.scorer, **_score_options(m, run.cfg, run.info))
+        if run.info.is_main:
+            scores.save(scores_path)
+        return scores
+
+
+def _plan(run: TrainRun, scores: Any, *, head_made_here: bool) -> tuple[Any, int]:
+    """Make (or reuse) the plan, save it, apply it and initialise the head; returns the plan and
+    the number of parameters that now have requires_grad."""
+    from sensitune.planning import Plan, make_plan
+    from sensitune.tuners import apply_plan
+
+    m, cfg, net = run.method, run.cfg, run.net
+    with run.stage("plan"):
+        plan_path = run.out / "plan.json"
+        if run.resuming and plan_path.is_file():
+            plan = Plan.load(plan_path)
+            run.log(f"plan: reusing {plan_path}")
+        else:
+            plan = run.early_plan if run.early_plan is not None else make_plan(
+                net, scores, m.plan, budget=run.budget, **{**m.plan_options, **cfg.method_options})
+            if run.info.is_main:
+                plan.save(plan_path)
+        apply_plan(net, plan)
+        if cfg.head_init == "zero" and head_made_here:
+            _init_zero_head(run, plan)
+        trainable_now = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        run.log(plan.summary())
+    return plan, trainable_now
+
+
+def _init_zero_head(run: TrainRun, plan: Any) -> None:
+    """``head_init: zero``, after scoring (SPT's sensitivities flow through the head: a zero head
+    would zero them all), only for a head made here (never a given model's), only a float one (a
+    1-bit head's scale is the spread of its weights, which zeros would collapse) and only a head
+    the plan trains (a frozen zero head would output zeros and pass no gradient)."""
+    head_units = [u for u in plan.units if plan.is_head_unit(u)]
+    if not head_units:
+        run.log("head_init=zero: skipped, the plan does not train the head; it keeps the default init")
+    elif any(u.bits < 32 for u in head_units):
+        run.log("head_init=zero: skipped for a quantised head (head_bits < 32); it keeps the default init")
+    else:
+        _zero_head(run.net)
+
+
+def _fit(run: TrainRun) -> tuple[FitResult, bool]:
+    """Train (resuming from the folder's checkpoint when asked); returns the fit and whether
+    training moved the norm statistics. The delta carries them only then (only under norm_stats
+    batch / pretrained-if-frozen; the base holds them otherwise); a resumed run compares the
+    checkpoint's statistics with the pretrained ones it rebuilt."""
+    net = run.net
+    with run.stage("train"):
+        roles = _plan_roles(net)
+        norm_before = _norm_buffers(net)
+        fitted = fit(net, run.data.train, run.cfg, out_dir=run.out, eval_data=run.data.eval, resume=run.resuming,
+                     no_decay=_no_decay_from_plan(roles), head=lambda name, p: roles.get(name) == "head", log=run.log)
+        norm_after = _norm_buffers(net)
+        norm_moved = any(not torch.equal(norm_before[k], v.to(norm_before[k].device)) for k, v in norm_after.items())
+    return fitted, norm_moved
+
+
+def _evaluate(run: TrainRun) -> dict[str, Any]:
+    """Rank 0: the trained model on the evaluation split, with its confusion and prediction files."""
+    cfg = run.cfg
+    with run.stage("evaluate"):
+        return evaluate_model(run.net, run.data.eval, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                              device=run.device, precision=cfg.precision, num_workers=cfg.num_workers, out=run.out,
+                              prefix=f"eval_{run.splits[1]}_")
+
+
+def _save(run: TrainRun, norm_moved: bool) -> dict[str, Any]:
+    """Rank 0: the task delta into ``delta/``; returns its path and its bytes on disk."""
+    with run.stage("save"):
+        meta = {"class_names": run.data.class_names, "data_config": run.data.data_config,
+                "backbone": {**run.source, "img_size": run.cfg.img_size}, "base_fingerprint": run.base_fingerprint}
+        return _save_delta(run.net, run.out, meta, norm_moved)
+
+
+def _finish(run: TrainRun, plan: Any, trainable_now: int, fitted: FitResult, ev: dict[str, Any],
+            delta: dict[str, Any]) -> RunResults:
+    """The run's results (warning when it diverged: its accuracy is then no result)."""
+    cfg, data = run.cfg, run.data
+    diverged = divergence(fitted.history)
+    if diverged:
+        run.log(f"WARNING: this run diverged ({diverged}); its accuracy is not a result")
+    last = fitted.history[-1]
+    train_split, eval_split = run.splits
+    return RunResults(
+        **{k: run.identity[k] for k in IDENTITY_KEYS},
+        task_name=data.name, group=data.group, num_classes=data.num_classes,
+        protocol=cfg.protocol, train_split=train_split, eval_split=eval_split,
+        accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_samples=ev["num_samples"],
+        per_class_accuracy=ev["per_class_accuracy"],
+        train_loss=last["train_loss"], train_accuracy=last["train_acc"],
+        train_loss_start=fitted.history[0].get("start_loss"), divergence=diverged, diverged=diverged is not None,
+        epochs=cfg.epochs, steps=fitted.global_step, lr=cfg.lr, seed=cfg.seed,
+        trainable_params=plan.num_trainable(True), trainable_params_without_head=plan.num_trainable(False),
+        trainable_params_measured=trainable_now, backbone_params=plan.backbone_params, plan_mix=plan.mix(),
+        bytes_estimate=plan.nbytes(True), bytes_estimate_without_head=plan.nbytes(False),
+        delta=delta["delta"], delta_bytes_on_disk=delta["delta_bytes_on_disk"],
+        wall_seconds=time.perf_counter() - run.t0, train_seconds=fitted.train_seconds,
+        stage_seconds=run.stage_seconds, images_per_s=fitted.images_per_s,
+        **peak_memory_mb(run.device),
+        resumed_from=fitted.resumed_from,
+        device=str(run.device), world_size=run.info.world, precision=cfg.precision,
+        model_source=run.source, base_fingerprint=run.base_fingerprint,
+        img_size=cfg.img_size or data.data_config["input_size"][-1],
+        config=cfg.to_dict(),
+        versions={"python": platform.python_version(), "torch": torch.__version__},
+    )
 
 
 # -- evaluation of a saved run ---------------------------------------------------------------------
