@@ -157,6 +157,35 @@ def test_nonfinite_messages_match_the_reference(tmp_path):
     assert run_nonfinite(tmp_path) == _reference()["nonfinite"]
 
 
+
+def test_the_grad_scaler_branch_steps_exactly_like_the_plain_one():
+    """fp16 needs CUDA, so CPU CI never runs the grad-scaler branch of a step; with a CPU
+    GradScaler at a power-of-two scale (scaling and unscaling are then exact) it must give the
+    plain branch's weights bit for bit, clipping included (clipping the still-scaled gradients
+    would not)."""
+    from torch.utils.data import DataLoader
+
+    from sensitune.engine.trainer import DistInfo, FitEnv, _setup_state, _update
+
+    cfg = build_config(overrides=dict(epochs=1, batch_size=8, lr=1e-2, grad_clip=0.05, progress=False))
+    images, labels = next(iter(DataLoader(TinyTask(16), batch_size=8)))
+    weights, norms = [], []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)):
+        model = _cnn()
+        env = FitEnv(cfg=cfg, info=DistInfo(), device=torch.device("cpu"), out=None, log=lambda s: None)
+        state = _setup_state(model, TinyTask(16), env, None, None)
+        state.scaler = scaler
+        for _ in range(3):
+            loss = state.criterion(model(images), labels) / len(labels)
+            loss.backward(retain_graph=True)
+            norms.append(nn.utils.get_total_norm([p.grad for p in state.trainable]).item())
+            model.zero_grad()
+            _update(state, cfg, loss)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert min(norms) > 0.05  # the clip is active at every step
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], [p.detach() for p in _cnn().parameters()]))
+
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
     import tempfile
 
