@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from sensitune.bench.selection import SCOPES, bootstrap_stability, choose_lr, rank_lrs, suite_accuracy, usable
 from sensitune.bench.suites import SuiteTask, suite_tasks
 from sensitune.io import atomic_write_text
+from sensitune.methods import StagedOptions
 
 FORMAT = "sensitune-bench/1"
 DEFAULT_TRAIN = "sensitune.engine.pipeline:train"
@@ -82,12 +83,17 @@ def engine_defaults() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method column: a preset name plus options, e.g. ``bi-lora:bits=32`` or ``gps:score_batches=8``.
+    """A method column: a preset name plus options, e.g. ``bi-lora:bits=32``, ``lora:plan.rank=4``,
+    ``lora:train.drop_path=0.1`` or ``gps:score.batches=8``.
 
-    Options that are training settings (TrainConfig keys such as ``epochs``, ``score_batches``,
-    and ``lr`` when there is no lr grid) override the grid's settings for this column, as does
-    ``budget`` (e.g. ``spt-lora:budget=5%`` beside ``lora`` for an equal-budget comparison); any other key goes to the planner
-    (``method_options``).
+    Each option goes to one stage (:meth:`sensitune.methods.Method.stage_options`): ``plan.NAME``
+    to the planner (``method_options``), ``score.NAME`` to the scorer (``score_options``),
+    ``train.NAME`` to the training settings, overriding the grid's for this column only (``lr``
+    too when there is no lr grid, or as the base of a grid of factors). A bare name goes to the
+    one stage that has it; one that is both a planner option and a training setting (``drop_path``
+    for lora) is refused naming both spellings. ``budget`` (or ``plan.budget``) is the column's own
+    budget (e.g. ``spt-lora:budget=5%`` beside ``lora`` for an equal-budget comparison).
+    ``label`` and ``options`` are the column as written: bench.json records them.
     """
 
     label: str
@@ -98,9 +104,36 @@ class MethodSpec:
     def folder(self) -> str:
         return re.sub(r"[^A-Za-z0-9._=-]+", "+", self.label)
 
+    def own_budget(self) -> tuple[bool, Any]:
+        """(whether the column sets its own budget, that budget)."""
+        given = [k for k in ("budget", "plan.budget") if k in self.options]
+        if len(given) > 1:
+            raise ValueError(f"--methods {self.label!r}: budget and plan.budget are the same option; give one")
+        return (True, self.options[given[0]]) if given else (False, None)
+
+    def stages(self) -> StagedOptions:
+        """The column's options (but its budget) by stage; refused with the valid names when a
+        name is unknown, of the wrong type, ambiguous or set by the bench protocol."""
+        from sensitune.methods import get_method
+
+        where = f"--methods {self.label!r}"
+        self.own_budget()  # refuses budget and plan.budget given together
+        options = {k: v for k, v in self.options.items() if k not in ("budget", "plan.budget")}
+        staged = get_method(self.name).stage_options(options, where)
+        for key in sorted(set(staged.train) & COLUMN_RESERVED):
+            instead = {"method_options": "write plan.NAME=... instead", "score_options": "write score.NAME=... instead"}
+            raise ValueError(f"{where}: {key!r} is not a column's to set "
+                             f"({instead.get(key, 'the bench protocol sets it per cell')})")
+        return staged
+
+
+#: training settings a column may not set: the protocol's per cell, and the stage mappings themselves
+COLUMN_RESERVED = frozenset({"seed", "protocol", "method_options", "score_options"})
+
 
 def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
-    """``"linear,lora,bi-lora:bits=32:rank=8"`` -> method specs; names are checked against the presets."""
+    """``"linear,lora,bi-lora:bits=32:rank=8,lora:plan.rank=4"`` -> method specs; names are checked
+    against the presets and every option against its stage (:meth:`MethodSpec.stages`)."""
     import yaml
 
     from sensitune.methods import get_method
@@ -118,21 +151,14 @@ def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
             if not eq or not key:
                 raise ValueError(f"--methods: {item!r}: options are written name:key=value (got {opt!r})")
             options[key] = yaml.safe_load(value)
-        specs.append(MethodSpec(item, name, options))
+        spec = MethodSpec(item, name, options)
+        spec.stages()  # refuse a bad option now, not when the column's first cell runs
+        specs.append(spec)
     labels = [s.label for s in specs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ValueError(f"--methods: {', '.join(dupes)} given twice")
     return specs
-
-
-def _train_keys() -> set[str]:
-    """Method options that are training settings (TrainConfig keys) rather than planner options."""
-    from dataclasses import fields
-
-    from sensitune.engine.config import TrainConfig
-
-    return {f.name for f in fields(TrainConfig)} - {"method_options", "seed", "protocol", "lr"}
 
 
 def _describe_change(key: str, was: Any, now: Any) -> str:
@@ -447,16 +473,16 @@ class Bench:
         from sensitune.engine.config import TrainConfig
         from sensitune.methods import get_method
 
-        base = float(spec.options.get("lr", get_method(spec.name).train.get("lr", TrainConfig().lr)))
+        base = float(spec.stages().train.get("lr", get_method(spec.name).train.get("lr", TrainConfig().lr)))
         return sorted({float(f"{base * f:.6g}") for f in self.grid})
 
     def _check(self) -> None:
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
-        if self.grid and not self.relative and any("lr" in m.options for m in self.specs):
+        if self.grid and not self.relative and any("lr" in m.stages().train for m in self.specs):
             raise ValueError("a method's own lr (method:lr=...) and an absolute --lr-grid exclude each other "
                              "(a grid of factors, e.g. x0.5,x1,x2, scales each column's own lr)")
-        for key in ("lr", "seed", "protocol", "method_options"):
+        for key in ("lr", "seed", "protocol", "method_options", "score_options"):
             if key in self.overrides and (key != "lr" or self.grid):
                 raise ValueError(f"override {key!r} is set by the bench protocol per cell; drop it")
         if self.select_scope not in SCOPES:
@@ -569,12 +595,16 @@ class Bench:
                 "progress": False}
         if lr is not None:
             over["lr"] = lr
-        train_keys = _train_keys() | ({"lr"} if not self.grid else set())
-        over.update({k: v for k, v in cell.method.options.items() if k in train_keys})
-        planner = {k: v for k, v in cell.method.options.items() if k not in train_keys and k not in ("budget", "lr")}
-        budget = cell.method.options.get("budget", self.budget if get_method(cell.method.name).budget != "none" else None)
-        if planner:
-            over["method_options"] = planner
+        staged = cell.method.stages()
+        # with a grid, the column's lr is the base of its factors (lrs_of), never the cell's lr
+        over.update({k: v for k, v in staged.train.items() if k != "lr" or not self.grid})
+        if staged.plan:
+            over["method_options"] = staged.plan
+        if staged.score:
+            over["score_options"] = staged.score
+        own, budget = cell.method.own_budget()
+        if not own:
+            budget = self.budget if get_method(cell.method.name).budget != "none" else None
         return dict(model=self.model, task=cell.task.task, method=cell.method.name, out=str(self.out / path),
                     budget=None if budget is None else str(budget), config=self.config, **over)
 

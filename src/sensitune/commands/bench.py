@@ -26,8 +26,11 @@ def register(subparsers) -> None:
                     "(near-ties within --tie-tolerance points go to the smaller lr; a diverged run is never\n"
                     "chosen), then each seed trains on train800val200 and reports test; when the chosen lr\n"
                     "diverges there, every seed falls back to the next-ranked lr (marked † in the report).\n"
-                    "A method may carry options: bi-lora:bits=32 (planner option), gps:score_batches=8\n"
-                    "(training setting for that column only).\n\nmethods:\n" + describe())
+                    "A method may carry options scoped by stage: lora:plan.rank=4 (its planner's option),\n"
+                    "gps:score.batches=8 (its scorer's), lora:train.drop_path=0.1 (a training setting for that\n"
+                    "column only), spt-lora:budget=5% (its own budget). A bare name goes to the one stage that\n"
+                    "has it (bi-lora:bits=32, lora:lr=0.01); one that is both a planner option and a training\n"
+                    "setting (drop_path for lora) must be scoped.\n\nmethods:\n" + describe())
     p.add_argument("--suite", required=True, metavar="|".join(SUITES) + "|DIR",
                    help="a named suite, or a folder whose task folders form the suite (grouped by an optional "
                         "groups.txt: 'task group' per line)")
@@ -56,8 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device")
-    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other training setting for every cell")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="[train.]KEY=VALUE",
+                   help="any other training setting for every cell (planner and scorer options go per column: "
+                        "--methods lora:plan.rank=4)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="(task, method) pairs run side by side, each cell its own process (default 1)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads per cell (default: torch's choice)")
@@ -70,9 +74,19 @@ def register(subparsers) -> None:
 
 
 def _key_value(text: str):
+    """A grid-wide ``--set``: a training setting, bare or as ``train.KEY`` (recorded bare, so both
+    spellings are the same bench)."""
     from sensitune.commands.train import _key_value as kv
 
-    return kv(text)
+    key, value = kv(text)
+    scope, dot, name = key.partition(".")
+    if not dot:
+        return key, value
+    if scope != "train":
+        raise argparse.ArgumentTypeError(f"--set {text!r}: bench --set takes training settings for every cell "
+                                         f"(KEY or train.KEY); give {scope} options per column, e.g. "
+                                         f"--methods lora:plan.rank=4 or gps:score.batches=8")
+    return name, value
 
 
 def run(args: argparse.Namespace) -> int:

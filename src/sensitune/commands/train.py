@@ -60,14 +60,33 @@ def register(subparsers) -> None:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--tensorboard", action="store_true", help="also log to <out>/tensorboard (if installed)")
-    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other setting, e.g. --set min_lr=1e-6 --set method_options='{rank: 4}'")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="[STAGE.]KEY=VALUE",
+                   help="any other setting, scoped by stage: plan.rank=4 (the planner's option), score.batches=8 "
+                        "(the scorer's), train.min_lr=1e-6 (a training setting); a bare KEY goes to the one stage "
+                        "that has it (a name both a planner option and a training setting, e.g. drop_path for "
+                        "lora, must be scoped)")
     p.set_defaults(func=run)
 
 
 OVERRIDE_FLAGS = ("pretrained", "img_size", "epochs", "batch_size", "lr", "seed", "device", "data_root", "protocol",
                   "eval_split", "precision", "weight_decay", "warmup_epochs", "grad_clip", "label_smoothing",
                   "drop_path", "augment", "num_workers")
+
+
+def staged_overrides(method: str, pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``--set`` pairs as ``train()`` overrides: training settings as they are, planner options
+    (``plan.*``) into ``method_options`` and scorer options (``score.*``) into ``score_options``,
+    over any given as those settings themselves."""
+    if not pairs:
+        return {}
+    from sensitune.methods import get_method
+
+    staged = get_method(method).stage_options(dict(pairs), "--set")
+    out: dict[str, object] = dict(staged.train)
+    for key, options in (("method_options", staged.plan), ("score_options", staged.score)):
+        if options:
+            out[key] = {**dict(out.get(key) or {}), **options}  # type: ignore[call-overload]
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["progress"] = False
     if args.tensorboard:
         overrides["tensorboard"] = True
-    for key, value in args.set:
-        overrides[key] = value
+    overrides.update(staged_overrides(args.method, args.set))
     results = train(args.model, args.task, args.method, args.out, budget=args.budget, config=args.config,
                     resume=args.resume, overwrite=args.overwrite, **overrides)
     if results and int(os.environ.get("RANK", "0")) == 0:  # under torchrun the summary is rank 0's alone
