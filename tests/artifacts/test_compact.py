@@ -12,7 +12,9 @@ from sensitune.artifacts import DeltaError, load_delta, read_delta, save_delta
 from sensitune.artifacts.compact import pack_json, unpack_json
 from sensitune.artifacts.format import META_FILE, TENSORS_FILE
 from sensitune.planning import make_plan
-from sensitune.tuners import apply_plan, get_mode, registered
+from sensitune.state import find_state
+from sensitune.tuners import applied_plan, apply_plan, get_mode, registered
+from sensitune.tuners.host import TUNING_ATTR
 
 from .helpers import images, lite0, tuned_vit, vit
 
@@ -153,7 +155,8 @@ def _same(model, snap):
     assert all(torch.equal(now[0][n], params[n]) for n in params)
     assert all(torch.equal(now[1][n], buffers[n]) for n in buffers)
     assert now[2] == grads
-    assert not any("_sensitune" in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
+    assert not any(TUNING_ATTR in m.__dict__ or "forward" in m.__dict__ for m in model.modules())
+    assert applied_plan(model) is None and (find_state(model) is None or find_state(model).delta is None)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 

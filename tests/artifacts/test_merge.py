@@ -7,6 +7,7 @@ from sensitune.artifacts import load_delta, merge, save_delta
 from sensitune.artifacts.merge import is_plain
 from sensitune.planning.plan import Unit, model_shapes
 from sensitune.tuners import applied_plan
+from sensitune.tuners.host import TUNING_ATTR
 
 from .helpers import images, lite0, make_plan, trained, tuned_vit, vit
 
@@ -15,7 +16,7 @@ def _assert_plain(model: nn.Module, reference: nn.Module) -> None:
     for name, m in model.named_modules():
         assert type(m).__module__.startswith(("torch.", "timm.")), (name, type(m))
         assert not m._forward_hooks and not m._forward_pre_hooks, name
-        assert "forward" not in m.__dict__ and "_sensitune" not in m.__dict__, name
+        assert "forward" not in m.__dict__ and TUNING_ATTR not in m.__dict__, name
         assert type(m) is type(reference.get_submodule(name)), name
     assert is_plain(model) == []
     # same state-dict keys and shapes as a freshly built model: loads strictly into one

@@ -15,6 +15,7 @@ from sensitune.models import (
     list_backbones,
     weights_fingerprint,
 )
+from sensitune.state import source_of
 
 VIT = "vit_tiny_patch16_224"
 SMALL = dict(img_size=32, depth=2)
@@ -47,8 +48,8 @@ def test_random_init_and_options():
     model = create_backbone(VIT, 5, pretrained="none", drop_path_rate=0.1, **SMALL)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
-    assert model.sensitune_source == {"name": VIT, "requested": VIT, "pretrained": "none", "num_classes": 5,
-                                      "head": "fresh", "head_module": "head"}
+    assert source_of(model) == {"name": VIT, "requested": VIT, "pretrained": "none", "num_classes": 5,
+                                "head": "fresh", "head_module": "head"}
     cfg = data_config(model)
     assert cfg == {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
                    "interpolation": "bicubic", "crop_pct": 0.9}

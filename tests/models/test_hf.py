@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sensitune.models import HFImageClassifier, create_backbone, data_config, find_head, tunable_tensors
+from sensitune.state import source_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,7 +27,7 @@ def test_forward_returns_logits_and_head_is_fresh(hf_dir):
     out = model(x)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 5)
     assert find_head(model) == "hf.classifier"
-    assert model.sensitune_source["head"] == "fresh" and model.sensitune_source["num_classes"] == 5
+    assert source_of(model)["head"] == "fresh" and source_of(model)["num_classes"] == 5
     ref = original.state_dict()
     for k, v in model.state_dict().items():
         assert k.startswith("hf.")

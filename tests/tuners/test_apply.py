@@ -9,7 +9,7 @@ from timm.layers.padding import pad_same
 
 from sensitune.planning import METHODS, Plan, make_plan
 from sensitune.tuners import apply_plan, merge, trainable_parameters, unmerge
-from sensitune.tuners.host import _lora_in_weight
+from sensitune.tuners.host import _lora_in_weight, tuning_of
 from sensitune.tuners.quant import quantize_ste
 
 
@@ -93,7 +93,7 @@ def test_conv_lora_folded_into_the_weight_matches_the_branch(conv):
         lora.B.normal_()
     x = torch.randn(2, layer.in_channels, 9, 9, dtype=torch.float64)
     gy = torch.randn_like(layer(x))
-    assert _lora_in_weight(layer, layer._sensitune)
+    assert _lora_in_weight(layer, tuning_of(layer))
     folded = layer(x)
     folded.backward(gy)
     grads = [lora.A.grad.clone(), lora.B.grad.clone()]

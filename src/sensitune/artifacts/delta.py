@@ -59,6 +59,7 @@ from sensitune.artifacts.format import (
     tensor_nbytes,
     write_json_atomic,
 )
+from sensitune.state import LoadedDelta, data_config_of, find_state, source_of, state_of
 
 
 # ----------------------------------------------------------------------------- plan glue
@@ -334,7 +335,9 @@ def _model_plan(model: nn.Module, plan):
     from sensitune.tuners import applied_plan
 
     # a reloaded low-bit delta runs a float copy of its plan; the recorded original keeps the bits
-    plan = plan if plan is not None else (model.__dict__.get("sensitune_plan") or applied_plan(model))
+    if plan is None:
+        state = find_state(model)
+        plan = state.delta.plan if state is not None and state.delta is not None else applied_plan(model)
     if plan is None:
         raise ValueError("save_delta needs the plan the model was tuned with: pass plan=... "
                          "(or tune the model with sensitune.apply_plan, which records it)")
@@ -344,12 +347,12 @@ def _model_plan(model: nn.Module, plan):
 def _source(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
     """How to rebuild the base: backbone name, the ``pretrained`` argument, image size.
 
-    ``model.sensitune_source`` (from create_backbone) and ``meta['backbone']`` describe the
-    weights (``pretrained`` there is a description such as ``timm:...`` or a package file);
-    the argument to pass back to create_backbone is derived from it: ``"none"``, the checkpoint
-    path, or ``"auto"`` (packaged or downloadable weights).
+    The model's recorded source (``ModelState.source``, from create_backbone) and
+    ``meta['backbone']`` describe the weights (``pretrained`` there is a description such as
+    ``timm:...`` or a package file); the argument to pass back to create_backbone is derived
+    from it: ``"none"``, the checkpoint path, or ``"auto"`` (packaged or downloadable weights).
     """
-    src = {**dict(getattr(model, "sensitune_source", None) or {}), **dict(meta.get("backbone") or {})}
+    src = {**source_of(model), **dict(meta.get("backbone") or {})}
     weights = str(src.get("weights", src.get("pretrained", "unknown")))
     if "pretrained_arg" in src:
         arg = src["pretrained_arg"]
@@ -365,10 +368,119 @@ def _source(model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any]:
         arg = "auto"
     img_size = src.get("img_size")
     if img_size is None:
-        dcfg = getattr(model, "sensitune_data_config", None) or meta.get("data_config")
+        dcfg = data_config_of(model) or meta.get("data_config")
         img_size = int(dcfg["input_size"][-1]) if dcfg else None
     return {"name": src.get("requested") or src.get("name"), "timm_name": src.get("name"),
             "pretrained": arg, "weights": weights, "img_size": img_size}
+
+
+class _Stored:
+    """What a delta stores, in storage order: each tensor (CPU, contiguous) under its v1 key,
+    with its manifest entry (dtype, shape, part and the facts that part needs)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+        self.manifest: dict[str, dict[str, Any]] = {}
+
+    def put(self, key: str, t: Tensor, **info: Any) -> None:
+        t = t.detach().to("cpu").contiguous()
+        self.tensors[key] = t
+        self.manifest[key] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), **info}
+
+
+def _store_indices(stored: _Stored, plan) -> None:
+    """The sparse units' flat indices, in the narrowest integer dtype of each target."""
+    from sensitune.planning.plan import index_key
+
+    _, plan_tensors = _plan_to_record(plan)
+    for i, u in enumerate(plan.units):
+        if u.indices is not None:
+            key = PLAN_PREFIX + index_key(i, u.target)
+            stored.put(key, plan_tensors[key], part="sparse_indices", unit=i, target=u.target,
+                       target_numel=math.prod(u.shape))
+
+
+def _trained_parameter(model: nn.Module, name: str, plan) -> Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        raise ValueError(f"the model has no parameter {name!r} that the plan ({plan.method}) trains; "
+                         f"was the plan applied to this model (sensitune.apply_plan)?") from None
+
+
+def _store_lowbit(stored: _Stored, name: str, param: Tensor, bits: int, cached: tuple | None,
+                  info: dict[str, Any]) -> None:
+    """A k-bit weight as its packed codes and μ, σ; a reloaded weight left unchanged keeps the
+    codes it was loaded from (packing its dequantised value again would not give them back)."""
+    from sensitune.tuners.quant import pack_quantized
+
+    if cached is not None and cached[1] == bits and torch.equal(cached[2], param.detach().cpu()):
+        packed = cached[0]
+    else:
+        packed = pack_quantized(param.detach().to("cpu", torch.float32), bits)
+    info = dict(info, bits=bits, param_shape=list(param.shape))
+    stored.put(f"{name}::codes", packed["codes"], part="lowbit_codes", field="codes", **info)
+    stored.put(f"{name}::mu", packed["mu"], part="lowbit_stats", field="mu", **info)
+    stored.put(f"{name}::sigma", packed["sigma"], part="lowbit_stats", field="sigma", **info)
+
+
+def _store_parameters(stored: _Stored, model: nn.Module, plan) -> None:
+    """Every parameter the plan trains, in plan order: floats as they are, k-bit ones packed."""
+    quantised = quantised_params(plan)
+    state = find_state(model)
+    cache = state.delta.packed if state is not None and state.delta is not None else {}
+    roles = {name: role for name, role, _ in plan.parameters()}
+    unit_of = {name: i for i, u in enumerate(plan.units) for name, _, _ in u.parameters()}
+    for name, role in roles.items():
+        param = _trained_parameter(model, name, plan)
+        info = {"param": name, "role": role, "unit": unit_of[name]}
+        if name in quantised:
+            _store_lowbit(stored, name, param, quantised[name], cache.get(name), info)
+        else:
+            stored.put(name, param, part=plan.units[unit_of[name]].spec.part(role), **info)
+
+
+def _record(model: nn.Module, plan, meta: Mapping[str, Any], norm_stats: bool, fingerprint: str) -> dict[str, Any]:
+    """delta.json's plain facts (the packed plan and the storage report are added by the caller)."""
+    from sensitune import __version__
+
+    head_shapes = [plan.tensors[n] for n in plan.head if n in plan.tensors]
+    num_classes = meta.get("num_classes") or (head_shapes[0][0] if head_shapes else None)
+    class_names = meta.get("class_names")
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise ValueError(f"meta['class_names'] has {len(class_names)} names but the head has {num_classes} classes")
+    known = {"class_names", "data_config", "backbone", "num_classes", "method", "norm_stats"}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "sensitune_version": __version__,
+        "method": meta.get("method") or plan.method,
+        "backbone": _source(model, meta),
+        "norm_stats": norm_stats,
+        "base_fingerprint": fingerprint,
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "data_config": meta.get("data_config") or data_config_of(model),
+        "trainable": {"with_head": plan.num_trainable(True), "without_head": plan.num_trainable(False)},
+        "extra": {k: v for k, v in meta.items() if k not in known},
+    }
+
+
+def _write(out: Path, groups: dict[str, Tensor], record: dict[str, Any], stored: _Stored) -> None:
+    """Both files into ``out`` atomically; delta.json's storage report counts delta.json itself."""
+    with AtomicDir(out) as tmp:
+        save_file(groups, str(tmp / TENSORS_FILE), metadata={"format": FORMAT_NAME})
+        report = storage_report(stored.manifest, stored.tensors, (tmp / TENSORS_FILE).stat().st_size)
+        record["storage"] = report
+        # the JSON records its own size: iterate until the number no longer changes its length
+        for _ in range(4):
+            # compact: it is part of the task's bytes on disk (pretty-print with `python -m json.tool`)
+            write_json_atomic(tmp / META_FILE, json_safe(record), compact=True)
+            size = (tmp / META_FILE).stat().st_size
+            if report.get("json_bytes") == size:
+                break
+            report["json_bytes"] = size
+            report["on_disk_bytes"] = size + report["safetensors_bytes"]
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Mapping[str, Any] | None = None,
@@ -381,97 +493,22 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
     ``norm_stats``: store BatchNorm running statistics (default True; they belong to the task
     when training ran BatchNorm in train mode). Pass False if they were kept frozen.
     """
-    from sensitune import __version__
-    from sensitune.planning.plan import index_key
-    from sensitune.tuners.quant import pack_quantized
-
     plan = _model_plan(model, plan)
     meta = dict(meta or {})
-    _, plan_tensors = _plan_to_record(plan)
-    quantised = quantised_params(plan)
-    packed_cache = getattr(model, "sensitune_packed", {}) or {}
-    roles = {name: role for name, role, _ in plan.parameters()}
-    unit_of = {name: i for i, u in enumerate(plan.units) for name, _, _ in u.parameters()}
-
-    tensors: dict[str, Tensor] = {}
-    manifest: dict[str, dict[str, Any]] = {}
-
-    def put(key: str, t: Tensor, **info: Any) -> None:
-        t = t.detach().to("cpu").contiguous()
-        tensors[key] = t
-        manifest[key] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape), **info}
-
-    for i, u in enumerate(plan.units):
-        if u.indices is not None:
-            key = PLAN_PREFIX + index_key(i, u.target)
-            put(key, plan_tensors[key], part="sparse_indices", unit=i, target=u.target, target_numel=math.prod(u.shape))
-    for name, role in roles.items():
-        try:
-            param = model.get_parameter(name)
-        except AttributeError:
-            raise ValueError(f"the model has no parameter {name!r} that the plan ({plan.method}) trains; "
-                             f"was the plan applied to this model (sensitune.apply_plan)?") from None
-        base = {"param": name, "role": role, "unit": unit_of[name]}
-        if name in quantised:
-            bits = quantised[name]
-            cached = packed_cache.get(name)
-            if cached is not None and cached[1] == bits and torch.equal(cached[2], param.detach().cpu()):
-                stored = cached[0]  # reloaded low-bit weight, unchanged: keep its original codes
-            else:
-                stored = pack_quantized(param.detach().to("cpu", torch.float32), bits)
-            info = dict(base, bits=bits, param_shape=list(param.shape))
-            put(f"{name}::codes", stored["codes"], part="lowbit_codes", field="codes", **info)
-            put(f"{name}::mu", stored["mu"], part="lowbit_stats", field="mu", **info)
-            put(f"{name}::sigma", stored["sigma"], part="lowbit_stats", field="sigma", **info)
-        else:
-            put(name, param, part=plan.units[unit_of[name]].spec.part(role), **base)
-
-    if norm_stats is None:
-        norm_stats = meta.get("norm_stats", True)
-    norm_stats = bool(norm_stats)
+    stored = _Stored()
+    _store_indices(stored, plan)
+    _store_parameters(stored, model, plan)
+    norm_stats = bool(meta.get("norm_stats", True) if norm_stats is None else norm_stats)
     fingerprint = base_fingerprint(model, plan, delta_has_norm_stats=norm_stats)
     if norm_stats:
         for bname, buf in _norm_stats(model).items():
-            put(f"{BUFFER_PREFIX}{bname}", buf, part="norm_stats", buffer=bname)
-
-    backbone = _source(model, meta)
-    head_shapes = [plan.tensors[n] for n in plan.head if n in plan.tensors]
-    num_classes = meta.get("num_classes") or (head_shapes[0][0] if head_shapes else None)
-    class_names = meta.get("class_names")
-    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
-        raise ValueError(f"meta['class_names'] has {len(class_names)} names but the head has {num_classes} classes")
-    known = {"class_names", "data_config", "backbone", "num_classes", "method", "norm_stats"}
-    record: dict[str, Any] = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "sensitune_version": __version__,
-        "method": meta.get("method") or plan.method,
-        "backbone": backbone,
-        "norm_stats": norm_stats,
-        "base_fingerprint": fingerprint,
-        "num_classes": num_classes,
-        "class_names": list(class_names) if class_names is not None else None,
-        "data_config": meta.get("data_config") or getattr(model, "sensitune_data_config", None),
-        "trainable": {"with_head": plan.num_trainable(True), "without_head": plan.num_trainable(False)},
-        "extra": {k: v for k, v in meta.items() if k not in known},
-    }
+            stored.put(f"{BUFFER_PREFIX}{bname}", buf, part="norm_stats", buffer=bname)
+    record = _record(model, plan, meta, norm_stats, fingerprint)
     # compact layout (format 2): one tensor per part and dtype, the plan packed; see artifacts/compact.py
-    groups, packed = compact.encode(manifest, tensors, plan)
+    groups, packed = compact.encode(stored.manifest, stored.tensors, plan)
     record["packed"] = compact.pack_json(packed)
     out = Path(path)
-    with AtomicDir(out) as tmp:
-        save_file(groups, str(tmp / TENSORS_FILE), metadata={"format": FORMAT_NAME})
-        report = storage_report(manifest, tensors, (tmp / TENSORS_FILE).stat().st_size)
-        record["storage"] = report
-        # the JSON records its own size: iterate until the number no longer changes its length
-        for _ in range(4):
-            # compact: it is part of the task's bytes on disk (pretty-print with `python -m json.tool`)
-            write_json_atomic(tmp / META_FILE, json_safe(record), compact=True)
-            size = (tmp / META_FILE).stat().st_size
-            if report.get("json_bytes") == size:
-                break
-            report["json_bytes"] = size
-            report["on_disk_bytes"] = size + report["safetensors_bytes"]
+    _write(out, groups, record, stored)
     return out
 
 
@@ -543,9 +580,10 @@ class _Rollback:
     """Put a model back exactly as it was if applying a delta fails half-way (all or nothing).
 
     Taken before anything changes: every module's attribute dict and its parameter, buffer,
-    sub-module and hook dicts (shallow copies: references, O(modules)), every parameter's
-    ``requires_grad``, and clones of the base tensors a delta writes into (the tensors it
-    replaces, BatchNorm statistics). :meth:`restore` reinstates all of it, so the caller's model
+    sub-module and hook dicts (shallow copies: references, O(modules)), the fields of the model's
+    :class:`~sensitune.state.ModelState` (apply_plan writes into that object in place), every
+    parameter's ``requires_grad``, and clones of the base tensors a delta writes into (the tensors
+    it replaces, BatchNorm statistics). :meth:`restore` reinstates all of it, so the caller's model
     has the same modules, tensors (bit for bit), flags and hooks as before the call.
     """
 
@@ -556,6 +594,8 @@ class _Rollback:
         self.modules = list(model.modules())
         self.dicts = [({k: v for k, v in m.__dict__.items()},
                        {k: copy.copy(m.__dict__[k]) for k in self._DICTS if k in m.__dict__}) for m in self.modules]
+        self.state = find_state(model)
+        self.state_fields = dict(vars(self.state)) if self.state is not None else {}
         self.grad = [(p, p.requires_grad) for p in model.parameters()]
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
         self.data = [(tensors[n], tensors[n].detach().clone()) for n in sorted(written) if n in tensors]
@@ -569,6 +609,8 @@ class _Rollback:
                 live = m.__dict__[k]
                 live.clear()
                 live.update(d)
+        if self.state is not None:
+            vars(self.state).update(self.state_fields)
         for p, flag in self.grad:
             p.requires_grad_(flag)
         for t, saved in self.data:
@@ -650,11 +692,9 @@ def _apply_checked(model: nn.Module, delta: Delta, plan, expected: set[str], sto
                 raise DeltaError(f"{delta.where}: tensor {key!r} does not fit a buffer of the model "
                                  f"({'no such buffer' if buf is None else f'shape {tuple(buf.shape)}'})")
             buf.copy_(_fitted(delta.tensors[key], buf, delta, key, bname).to(buf.dtype))
-    model.sensitune_plan = plan
-    model.sensitune_packed = packed
-    model.sensitune_delta = {"path": str(delta.path) if delta.path else None, "method": delta.method,
-                             "class_names": delta.class_names, "data_config": delta.meta.get("data_config"),
-                             "backbone": delta.meta.get("backbone")}
+    state_of(model).delta = LoadedDelta(
+        path=str(delta.path) if delta.path else None, method=delta.method, class_names=delta.class_names,
+        data_config=delta.meta.get("data_config"), backbone=delta.meta.get("backbone"), plan=plan, packed=packed)
     return model
 
 

@@ -28,6 +28,7 @@ from sensitune.artifacts.delta import Delta, load_delta, read_delta
 from sensitune.artifacts.format import META_FILE, TENSORS_FILE, AtomicDir, json_safe, read_json, write_json_atomic
 from sensitune.artifacts.merge import merge, norm_stats
 from sensitune.artifacts.peft_export import LoraFactor, build_peft_adapter, write_peft_adapter
+from sensitune.tuners.host import tuning_of
 
 MERGED_WEIGHTS = "model.safetensors"
 MERGED_CONFIG = "config.json"
@@ -115,48 +116,51 @@ def _suffix_clash(names: list[str], target: str, dot: bool) -> list[str]:
     return [n for n in names if n != target and n.endswith(suffix)]
 
 
-def peft_parts(model: nn.Module, plan) -> tuple[list[LoraFactor], dict[str, dict[str, torch.Tensor]], list[str], list[str]]:
-    """(LoRA factors, modules_to_save, left-out units, notes) of a tuned model for PEFT.
+def _label(u) -> str:
+    return f"{u.mode}:{u.target}" + (f"[{u.slice}]" if u.slice else "")
 
-    ``model`` is the tuned model (e.g. from :func:`load_delta`). k-bit factors and heads are
-    taken as their dequantised float weights.
-    """
-    from sensitune.models import find_head
+
+def _tensor_owners(modules: dict[str, nn.Module]) -> list[str]:
+    """Modules holding parameters or buffers of their own: the only ones PEFT's suffix match affects."""
+    return [n for n, m in modules.items()
+            if n and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))]
+
+
+def _lora_factors(plan, modules: dict[str, nn.Module], names: list[str], left_out: list[str],
+                  notes: list[str]) -> list[LoraFactor]:
+    """Each LoRA unit as PEFT's factors (k-bit ones dequantised), or a left-out line saying why not."""
     from sensitune.tuners.lora import quantized
 
-    modules = dict(model.named_modules())
-    names = [n for n, m in modules.items()
-             if n and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))]
-    left_out: list[str] = []
-    notes: list[str] = []
     factors: list[LoraFactor] = []
-    lora_modules = {u.module for u in plan.units if u.spec.peft == "lora"}
-    sparse_modules = {u.module for u in plan.units if u.spec.indexed}
-    label = lambda u: f"{u.mode}:{u.target}" + (f"[{u.slice}]" if u.slice else "")  # noqa: E731
-
     for u in plan.units:
         if u.spec.peft != "lora":
             continue
         mod = modules[u.module]
         lora = mod.lora[u.key]
         if _suffix_clash(names, u.module, dot=True):
-            left_out.append(f"{label(u)} (PEFT would also match {_suffix_clash(names, u.module, True)[:2]})")
+            left_out.append(f"{_label(u)} (PEFT would also match {_suffix_clash(names, u.module, True)[:2]})")
             continue
         if isinstance(mod, nn.Conv2d) and (type(mod).__name__ == "Conv2dSame" and mod.kernel_size != (1, 1)):
-            left_out.append(f"{label(u)} (TF-'same'-padded {mod.kernel_size} conv: PEFT pads differently)")
+            left_out.append(f"{_label(u)} (TF-'same'-padded {mod.kernel_size} conv: PEFT pads differently)")
             continue
         A = quantized(lora.A, lora.bits).detach()
         B = quantized(lora.B, lora.bits).detach()
         if lora.bits < 32:
-            notes.append(f"{label(u)}: {lora.bits}-bit factors exported as their dequantised float32 weights")
+            notes.append(f"{_label(u)}: {lora.bits}-bit factors exported as their dequantised float32 weights")
         kernel = tuple(mod.weight.shape) if isinstance(mod, nn.Conv2d) else None
         factors.append(LoraFactor(u.module, A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), scale=lora.scale,
                                   rows=u.slice_rows, out_features=u.shape[0], kernel=kernel, dropout=u.dropout))
         if u.drop_path:
-            notes.append(f"{label(u)}: drop-path on the LoRA output has no PEFT equivalent (training only)")
+            notes.append(f"{_label(u)}: drop-path on the LoRA output has no PEFT equivalent (training only)")
+    return factors
+
+
+def _modules_to_save(model: nn.Module, plan, names: list[str], left_out: list[str]) -> set[str]:
+    """Modules PEFT must save whole: what each mode carries as a module, BatchNorm statistics, the head."""
+    from sensitune.models import find_head
 
     to_save: set[str] = set()
-    blocked = lora_modules | sparse_modules
+    blocked = {u.module for u in plan.units if u.spec.peft == "lora"} | {u.module for u in plan.units if u.spec.indexed}
 
     def save_whole(owner: str, what: str) -> None:
         # PEFT matches modules_to_save by name suffix ("bn1" also matches "blocks.0.0.bn1"): every
@@ -173,20 +177,26 @@ def peft_parts(model: nn.Module, plan) -> tuple[list[LoraFactor], dict[str, dict
 
     head = find_head(model)
     for u in plan.units:
-        kind = u.spec.peft  # each mode says how PEFT carries it (lora: above), or why it cannot
+        kind = u.spec.peft  # each mode says how PEFT carries it (lora: _lora_factors), or why it cannot
         if kind == "refuse":
-            left_out.append(f"{label(u)} ({u.spec.peft_refusal or 'no PEFT equivalent'})")
+            left_out.append(f"{_label(u)} ({u.spec.peft_refusal or 'no PEFT equivalent'})")
         elif kind == "module":
-            save_whole(u.module, label(u))
+            save_whole(u.module, _label(u))
     for buf in norm_stats(model):
         save_whole(buf.rsplit(".", 1)[0] if "." in buf else "", f"norm_stats:{buf}")
     if head and any(u.mode == "head" for u in plan.units):
         save_whole(head, f"head:{head}")
+    return to_save
+
+
+def _saved_values(modules: dict[str, nn.Module], to_save: set[str], notes: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The own tensors of each module to save, k-bit weights dequantised."""
+    from sensitune.tuners.lora import quantized
 
     saved: dict[str, dict[str, torch.Tensor]] = {}
     for owner in sorted(to_save):
         mod = modules[owner]
-        st = mod.__dict__.get("_sensitune")
+        st = tuning_of(mod)
         values: dict[str, torch.Tensor] = {}
         for pname, p in mod.state_dict().items():
             if "." in pname:  # only the module's own tensors; PEFT saves them by module
@@ -196,7 +206,22 @@ def peft_parts(model: nn.Module, plan) -> tuple[list[LoraFactor], dict[str, dict
                 notes.append(f"{owner}.{pname}: {st.bits[pname]}-bit weight exported dequantised")
             values[pname] = p.detach()
         saved[owner] = values
-    return factors, saved, left_out, notes
+    return saved
+
+
+def peft_parts(model: nn.Module, plan) -> tuple[list[LoraFactor], dict[str, dict[str, torch.Tensor]], list[str], list[str]]:
+    """(LoRA factors, modules_to_save, left-out units, notes) of a tuned model for PEFT.
+
+    ``model`` is the tuned model (e.g. from :func:`load_delta`). k-bit factors and heads are
+    taken as their dequantised float weights.
+    """
+    modules = dict(model.named_modules())
+    names = _tensor_owners(modules)
+    left_out: list[str] = []
+    notes: list[str] = []
+    factors = _lora_factors(plan, modules, names, left_out, notes)
+    to_save = _modules_to_save(model, plan, names, left_out)
+    return factors, _saved_values(modules, to_save, notes), left_out, notes
 
 
 def export_peft(model: nn.Module, delta: Delta, out: str | os.PathLike, *, partial: bool = False) -> ExportResult:

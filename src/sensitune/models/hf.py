@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sensitune.state import state_of
+
 PREFIX = "hf:"
 
 
@@ -77,5 +79,5 @@ def create_hf(name: str, num_classes: int | None, **kwargs: Any) -> HFImageClass
         for m in head.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-    wrapper.sensitune_data_config = _data_config(source, model.config, transformers)
+    state_of(wrapper).data_config = _data_config(source, model.config, transformers)
     return wrapper

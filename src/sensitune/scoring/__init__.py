@@ -16,6 +16,7 @@ from sensitune.scoring.baselines import fisher_scores, magnitude_scores, random_
 from sensitune.scoring.heatmap import Placement, describe, placement
 from sensitune.scoring.registry import SCORERS, Scorer, get_scorer, register
 from sensitune.scoring.scoremap import ScoreMap
+from sensitune.state import source_of
 
 METHODS: tuple[str, ...] = tuple(SCORERS)
 DATA_FREE: tuple[str, ...] = tuple(n for n, s in SCORERS.items() if not s.needs_data)
@@ -47,7 +48,7 @@ def score(model: nn.Module, data: Any, method: str = "sensitivity", *, fingerpri
         from sensitune.models import weights_fingerprint
 
         result.meta["model_fingerprint"] = weights_fingerprint(model)
-    source = getattr(model, "sensitune_source", None)
+    source = source_of(model)
     if source:
         result.meta["model"] = {k: source.get(k) for k in ("name", "pretrained", "num_classes")}
     return result

@@ -29,6 +29,7 @@ from sensitune.models import find_head
 from sensitune.scoring import common
 from sensitune.scoring.scoremap import ScoreMap
 from sensitune.scoring.registry import Scorer, register
+from sensitune.state import data_config_of
 
 TEMPERATURE = 0.07
 
@@ -160,7 +161,7 @@ def _default_views(model: nn.Module, dataset: Dataset) -> Callable:
     # A timm ViT built with img_size=... outside create_backbone still reports its pretrained
     # 224 px config; its patch embedding knows the size it actually accepts.
     fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if getattr(model, "sensitune_data_config", None) is None and fixed is not None:
+    if data_config_of(model) is None and fixed is not None:
         cfg = data_config(model, img_size=int(fixed[0]) if fixed[0] == fixed[-1] else None)
     return gps_view_transform(cfg)
 

@@ -10,11 +10,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from sensitune.tuners.host import Tuning
+from sensitune.state import find_state, state_of
+from sensitune.tuners.host import Tuning, tuning_of
 from sensitune.tuners.modes import get_mode, registered
 from sensitune.tuners.plan import Plan, Unit
-
-_PLAN_ATTR = "_sensitune_plan"
 
 
 def _get_module(modules: dict[str, nn.Module], name: str, unit: Unit) -> nn.Module:
@@ -33,7 +32,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"apply_plan expects a Plan, got {type(plan).__name__}")
-    if getattr(model, _PLAN_ATTR, None) is not None:
+    if applied_plan(model) is not None:
         raise ValueError("this model already has a plan applied; apply plans to a fresh model")
     plan.check_model(model)
     for p in model.parameters():
@@ -41,7 +40,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     modules = dict(model.named_modules())
     for u in plan.units:
         u.spec.attach(_get_module(modules, u.module, u), u)
-    object.__setattr__(model, _PLAN_ATTR, plan)
+    state_of(model).plan = plan
     _verify(model, plan)
     return model
 
@@ -58,8 +57,9 @@ def _verify(model: nn.Module, plan: Plan) -> None:
 
 
 def applied_plan(model: nn.Module) -> Plan | None:
-    """The plan applied to ``model`` (None if none)."""
-    return getattr(model, _PLAN_ATTR, None)
+    """The plan applied to ``model`` (None if none); kept in its :class:`sensitune.state.ModelState`."""
+    st = find_state(model)
+    return st.plan if st is not None else None
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
@@ -76,7 +76,7 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, str]
 
 def _tuned_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, Tuning]]:
     for name, m in model.named_modules():
-        st = m.__dict__.get("_sensitune")
+        st = tuning_of(m)
         if st is not None:
             yield name, m, st
 

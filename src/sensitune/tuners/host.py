@@ -4,7 +4,8 @@ Modules are tuned in place and keep their names, so the state dict of a tuned mo
 original one plus the new tensors beside their layers (``blocks.0.attn.qkv.weight_delta``,
 ``…qkv.weight_delta_index``, ``…qkv.lora.q.A``, ``…fc1.adapter.w.up_w``, ``blocks.3.adaptformer.down_w``,
 ``…norm1.ssf.scale``). The modes (:mod:`sensitune.tuners.modes`) record what they attached in the
-module's :class:`Tuning` (``module._sensitune``); a module with any gets an instance-level
+module's :class:`Tuning` (``module._sensitune_tuning``, read with :func:`tuning_of`); a module
+with any gets an instance-level
 ``forward`` that
 
 1. swaps in W' = W + scatter(δ) (and quantised weights, and an SSF-scaled norm affine) for its
@@ -32,9 +33,18 @@ from torch import Tensor, nn
 from sensitune.tuners.lora import quantized
 from sensitune.tuners.sparse import SparseConv2dFunction, SparseIndex, SparseLinearFunction, scatter_delta
 
+#: the attribute of a tuned module that holds its :class:`Tuning`
+TUNING_ATTR = "_sensitune_tuning"
+
+
 @dataclass
 class Tuning:
-    """What apply_plan attached to one module (kept on the module as ``_sensitune``)."""
+    """What apply_plan attached to one module (kept on the module as :data:`TUNING_ATTR`).
+
+    Per module by nature: the sparse geometry, widths and merged flag belong to the layer whose
+    forward reads them, and travel with it (a TaskBank swaps modules, not models). What belongs
+    to the whole model is its :class:`sensitune.state.ModelState`.
+    """
 
     sparse: dict[str, SparseIndex] = field(default_factory=dict)  # leaf -> geometry; values in <leaf>_delta
     bits: dict[str, int] = field(default_factory=dict)  # leaf -> quantised width (head weight)
@@ -107,7 +117,7 @@ def _lora_in_weight(module: nn.Module, st: Tuning) -> bool:
 
 
 def _tuned_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-    st: Tuning = self._sensitune
+    st: Tuning = self.__dict__[TUNING_ATTR]
     base_forward = type(self).forward
     fused_weight = (not st.merged and "weight" in st.sparse and isinstance(self, (nn.Linear, nn.Conv2d)))
     overrides: dict[str, Tensor] = {}
@@ -160,11 +170,17 @@ def _tuned_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
     return y
 
 
+def tuning_of(module: nn.Module) -> Tuning | None:
+    """The module's :class:`Tuning`, or None for a module apply_plan did not touch."""
+    return module.__dict__.get(TUNING_ATTR)
+
+
 def tuning_state(module: nn.Module) -> Tuning:
-    st = module.__dict__.get("_sensitune")
+    """The module's :class:`Tuning`, created (with the instance-level forward) on first use."""
+    st = tuning_of(module)
     if st is None:
         st = Tuning()
-        module.__dict__["_sensitune"] = st
+        module.__dict__[TUNING_ATTR] = st
         module.forward = MethodType(_tuned_forward, module)
     return st
 
