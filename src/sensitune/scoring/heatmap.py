@@ -10,13 +10,13 @@ when it was scored, so a report needs only the score file.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from sensitune.io import atomic_path
 from sensitune.models import TensorInfo
 from sensitune.models.tensors import _split_block
 
@@ -147,15 +147,9 @@ def plot(p: Placement, path: str | os.PathLike, title: str = "") -> Path:
     fig.colorbar(im, ax=ax, label="top-k entries")
     ax.set_title(title or f"where the top {p.k:,} of {p.total:,} scores sit")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
     return path

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from sensitune.io import atomic_save_file
 
 FORMAT = "sensitune.scoremap/1"
 
@@ -51,21 +52,13 @@ class ScoreMap(Mapping[str, torch.Tensor]):
         return f"ScoreMap(method={self.meta.get('method')!r}, tensors={len(self)}, entries={self.numel})"
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file atomically (temp file in the same folder + ``os.replace``)."""
+        """Write a safetensors file atomically (:func:`sensitune.io.atomic_save_file`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # safetensors sorts tensors by name; the registration order is kept beside them
         metadata = {"format": FORMAT, "meta": json.dumps(self.meta, sort_keys=True, default=_jsonable),
                     "order": json.dumps(list(self._scores))}
         tensors = {k: v.contiguous() for k, v in self._scores.items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save_file(tensors, path, metadata)
         return path
 
     @classmethod
