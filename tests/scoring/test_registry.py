@@ -47,3 +47,15 @@ def test_a_methods_scoped_score_options_are_what_the_scorer_runs_with():
     # 2 batches of 2 images (the preset's 16 x 32 overridden), and only block 0's tensors
     assert (result.meta["batches"], result.meta["samples"], result.meta["batch_size"]) == (2, 4, 2)
     assert result and all(name.startswith("blocks.0.") for name in result)
+
+
+def test_the_score_command_offers_every_scorer_and_refuses_a_flag_its_scorer_does_not_take(tmp_path, capsys):
+    from sensitune.cli import main
+    from sensitune.commands.score import SCORER_NAMES
+
+    assert sorted(SCORER_NAMES) == sorted(SCORERS)
+    out = tmp_path / "s.safetensors"
+    code = main(["score", "--model", "vit_tiny_patch16_224", "--task", "digits", "--method", "magnitude",
+                 "--batches", "4", "--out", str(out)])
+    assert code == 2 and "--batches does not apply to --method magnitude (it takes: kinds, include, exclude)" in \
+        capsys.readouterr().err and not out.exists()

@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 
 
+SCORER_NAMES = ("sensitivity", "gps", "fisher", "magnitude", "random")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "score", help="score where to tune (SPT sensitivity, GPS gradients, baselines) into a .safetensors file",
@@ -13,7 +16,8 @@ def register(subparsers) -> None:
                     "ScoreMap. Under torchrun every process scores its share of the batches.")
     p.add_argument("--model", required=True, metavar="NAME", help="backbone name (timm, efficientnet_lite0, hf:...)")
     p.add_argument("--task", required=True, metavar="TASK", help="built-in task name or a task folder")
-    p.add_argument("--method", default="sensitivity", choices=("sensitivity", "gps", "fisher", "magnitude", "random"))
+    # the scorers of sensitune.scoring.SCORERS, written out so --help imports no torch (a test keeps them equal)
+    p.add_argument("--method", default="sensitivity", choices=SCORER_NAMES)
     p.add_argument("--out", required=True, metavar="FILE", help="scores file to write (.safetensors)")
     p.add_argument("--split", default="train", help="split to score on (default: train = train800)")
     p.add_argument("--pretrained", default="auto", metavar="auto|none|PATH")
@@ -39,6 +43,27 @@ def _device(name: str, local_rank: int):
     return torch.device(name)
 
 
+def _options(args: argparse.Namespace) -> dict:
+    """The scorer's options from the flags: the always-present settings where the scorer takes
+    them, and an explicitly given flag the scorer does not take refused (listing what it takes)."""
+    from sensitune.scoring import get_scorer
+
+    scorer = get_scorer(args.method)
+    settings = {"seed": args.seed, "progress": not args.no_progress, "batchnorm": args.batchnorm,
+                "num_workers": args.num_workers}
+    options = {k: v for k, v in settings.items() if k in scorer.options}
+    given = {k: getattr(args, k) for k in ("batch_size", "batches", "loss") if getattr(args, k) is not None}
+    if args.method == "fisher" and "batches" in given:  # fisher scores single samples: --batches counts them
+        given["samples"] = given.pop("batches")
+    for key, value in given.items():
+        if key not in scorer.options:
+            flag = "--batches" if key == "samples" else "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} does not apply to --method {args.method} (it takes: "
+                             f"{', '.join(scorer.options)})")
+        options[key] = value
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -51,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must name a .safetensors file, got {out}")
+    options = _options(args)  # a flag the scorer does not take is refused before any work
     if "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -61,22 +87,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = data_config(model, img_size=args.img_size)
     data = open_task(args.task, args.split, data_root=args.data_root,
                      transform=build_transform(cfg, train=False))
-    options: dict = {"seed": args.seed, "progress": not args.no_progress}
-    if args.method not in ("magnitude", "random"):
-        options.update(batchnorm=args.batchnorm, num_workers=args.num_workers)
-        for key in ("batch_size", "batches"):
-            if getattr(args, key) is not None:
-                options[key] = getattr(args, key)
-        if args.method == "fisher" and args.batches is not None:
-            options["samples"] = options.pop("batches")
-    if args.loss:
-        if args.method != "gps":
-            raise ValueError("--loss applies to --method gps only")
-        options["loss"] = args.loss
-    if args.method in ("magnitude", "random"):
-        options.pop("progress")
-        if args.method == "magnitude":
-            options.pop("seed")
     scores = score(model, data, args.method, **options)
     scores.meta["task"] = {"name": data.name, "split": data.split}
     if rank == 0:
