@@ -60,7 +60,8 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the input was checked")
     monkeypatch.setattr(scoring, "score", forbidden)
     monkeypatch.setattr(planning, "make_plan", forbidden)
-    monkeypatch.setattr(pipeline, "fit", forbidden)
+    for name in ("score", "make_plan", "fit"):  # the names the pipeline calls, imported at its top
+        monkeypatch.setattr(pipeline, name, forbidden)
 
 
 @pytest.mark.parametrize("budget,message", [

@@ -43,6 +43,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from sensitune.artifacts import save_delta
+from sensitune.artifacts.merge import norm_stats as delta_norm_stats
+from sensitune.data import (AUGMENTATIONS, DEFAULT_MINI_IMG_SIZE, TaskDataError, build_transform, open_task,
+                            resolve_task)
 from sensitune.engine.checkpoint import load_checkpoint, load_trainable_state
 from sensitune.engine.config import TrainConfig, build_config
 from sensitune.engine.evaluation import evaluate_model
@@ -60,6 +64,13 @@ from sensitune.engine.trainer import (
 )
 from sensitune.io import read_json, write_json
 from sensitune.methods import Method, get_method
+from sensitune.models import create_backbone, data_config, find_head, weights_fingerprint
+from sensitune.planning import Plan, make_plan
+from sensitune.planning.budget import parse_budget
+from sensitune.planning.common import context
+from sensitune.scoring import ScoreMap, score
+from sensitune.tuners import apply_plan
+from sensitune.tuners.apply import trainable_parameters
 
 RUN_FORMAT = "sensitune-run/1"
 RESULTS_FORMAT = "sensitune-results/1"
@@ -151,8 +162,6 @@ def clear_run_dir(out: Path) -> None:
 def _open_data(task: Any, cfg: TrainConfig, info: Any, splits: tuple[str, ...]) -> dict[str, Dataset]:
     """Open and validate every split the run reads, each image decoded in full (rank 0 does the
     decoding under torchrun); the problems of all splits are raised together."""
-    from sensitune.data import TaskDataError, open_task
-
     wanted = tuple(dict.fromkeys(splits))
 
     def check() -> dict[str, Dataset]:
@@ -179,8 +188,6 @@ def _open_data(task: Any, cfg: TrainConfig, info: Any, splits: tuple[str, ...]) 
 
 def _check_settings(m: Method, cfg: TrainConfig, info: Any) -> None:
     """The checks that need neither data nor model: augmentation, method options, batch vs processes."""
-    from sensitune.data import AUGMENTATIONS
-
     if cfg.augment is not None and cfg.augment not in AUGMENTATIONS:
         raise ValueError(f"config: augment={cfg.augment!r} is unknown; choose one of {', '.join(AUGMENTATIONS)}")
     m.check_options(cfg.method_options, _score_options(m, cfg, info))
@@ -201,9 +208,6 @@ def _check_batch(cfg: TrainConfig, n_train: int, train_split: str, info: Any) ->
 
 def _check_budget_range(budget: Any, net: nn.Module) -> None:
     """A budget larger than the backbone (head excluded) is refused before scoring."""
-    from sensitune.planning.budget import parse_budget
-    from sensitune.planning.common import context
-
     backbone = context(net).backbone_params
     count = parse_budget(budget, backbone, available=10**30)
     if count > backbone:
@@ -228,21 +232,19 @@ def _quiet(_: str) -> None:
 
 
 def _build_model(model: str | nn.Module, num_classes: int, cfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
+    from sensitune.state import source_of
+
     if isinstance(model, nn.Module):
         out = _head_size(model)
         if out is not None and out != num_classes:
             raise ValueError(f"the given model's head has {out} outputs but the task has {num_classes} classes")
-        return model, dict(getattr(model, "sensitune_source", {}) or {"name": type(model).__name__})
-    from sensitune.models import create_backbone
-
+        return model, source_of(model) or {"name": type(model).__name__}
     net = create_backbone(model, num_classes, pretrained=cfg.pretrained, img_size=cfg.img_size,
                           drop_path_rate=cfg.drop_path)
-    return net, dict(getattr(net, "sensitune_source", {}) or {"name": model})
+    return net, source_of(net) or {"name": model}
 
 
 def _head_size(model: nn.Module) -> int | None:
-    from sensitune.models import find_head
-
     name = find_head(model)
     head = dict(model.named_modules()).get(name) if name else None
     return head.out_features if isinstance(head, nn.Linear) else None
@@ -250,8 +252,6 @@ def _head_size(model: nn.Module) -> int | None:
 
 def _plan_roles(model: nn.Module) -> dict[str, str]:
     """Parameter name -> role the applied plan gives it."""
-    from sensitune.tuners.apply import trainable_parameters
-
     return {name: role for name, _, role in trainable_parameters(model)}
 
 
@@ -262,8 +262,6 @@ def _no_decay_from_plan(roles: dict[str, str]) -> Callable[[str, nn.Parameter], 
 
 def _zero_head(model: nn.Module) -> None:
     """Zero the classification head's weight and bias (``head_init: zero``)."""
-    from sensitune.models import find_head
-
     name = find_head(model)
     head = dict(model.named_modules()).get(name) if name else None
     if head is None:
@@ -275,14 +273,10 @@ def _zero_head(model: nn.Module) -> None:
 
 def _norm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of exactly the running statistics a delta would store (``save_delta(norm_stats=True)``)."""
-    from sensitune.artifacts.merge import norm_stats
-
-    return {k: v.clone() for k, v in norm_stats(model).items()}
+    return {k: v.clone() for k, v in delta_norm_stats(model).items()}
 
 
 def _save_delta(model: nn.Module, out: Path, meta: dict[str, Any], norm_stats: bool) -> dict[str, Any]:
-    from sensitune.artifacts import save_delta
-
     path = save_delta(model, out / "delta", meta=meta, norm_stats=norm_stats)
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     return {"delta": str(Path(path).relative_to(out)), "delta_bytes_on_disk": size}
@@ -484,8 +478,6 @@ def _setup(method: str | Method, out: str | Path, budget: Any, config: Any, over
 def _check_run(run: TrainRun, model: str | nn.Module, task: str | Path, *, resume: bool, overwrite: bool) -> None:
     """Settings and method options, the task's name, the image size of built-in tasks, and what
     to do with the folder (``run.action``); nothing is read beyond the task's index, nothing written."""
-    from sensitune.data import DEFAULT_MINI_IMG_SIZE, resolve_task
-
     cfg = run.cfg
     _check_settings(run.method, cfg, run.info)
     _, _, builtin = resolve_task(task, data_root=cfg.data_root)
@@ -509,9 +501,6 @@ def _open_splits(run: TrainRun, task: str | Path) -> tuple[Dataset, Dataset]:
 def _setup_model(run: TrainRun, model: str | nn.Module, train_set: Dataset) -> None:
     """The backbone with the task's head, the budget against its size, the base fingerprint, and
     (for a method without a scorer) its plan now: that checks every option against the model."""
-    from sensitune.models import weights_fingerprint
-    from sensitune.planning import make_plan
-
     cfg, m = run.cfg, run.method
     torch.manual_seed(cfg.seed)  # a fresh head / random init is part of the run's seed
     net, run.source = _build_model(model, train_set.num_classes, cfg)
@@ -525,9 +514,6 @@ def _setup_model(run: TrainRun, model: str | nn.Module, train_set: Dataset) -> N
 
 def _setup_data(run: TrainRun, train_set: Any, eval_set: Any) -> None:
     """The splits under the backbone's transforms (augmented for training, plain for scoring and evaluation)."""
-    from sensitune.data import build_transform
-    from sensitune.models import data_config
-
     cfg = run.cfg
     dc = data_config(run.net, cfg.img_size)
     eval_tf = build_transform(dc, img_size=cfg.img_size, train=False)
@@ -561,8 +547,6 @@ def _score(run: TrainRun) -> Any:
     m = run.method
     if m.scorer is None:
         return None
-    from sensitune.scoring import ScoreMap, score
-
     with run.stage("score"):
         scores_path = run.out / "scores.safetensors"
         if run.resuming and scores_path.is_file():
@@ -578,9 +562,6 @@ def _score(run: TrainRun) -> Any:
 def _plan(run: TrainRun, scores: Any, *, head_made_here: bool) -> tuple[Any, int]:
     """Make (or reuse) the plan, save it, apply it and initialise the head; returns the plan and
     the number of parameters that now have requires_grad."""
-    from sensitune.planning import Plan, make_plan
-    from sensitune.tuners import apply_plan
-
     m, cfg, net = run.method, run.cfg, run.net
     with run.stage("plan"):
         plan_path = run.out / "plan.json"
@@ -696,19 +677,11 @@ def load_run_model(run: str | Path, device: str = "auto") -> tuple[nn.Module, di
         raise ValueError(f"{run} was trained from a model object, not a backbone name; rebuild it yourself "
                          f"and call evaluate(model, data)")
     cfg = build_config(config=meta["config"])
-    from sensitune.models import create_backbone
-    from sensitune.planning import Plan
-    from sensitune.tuners import apply_plan
-
     plan = Plan.load(run / "plan.json")
-    from sensitune.data import open_task
-
     num_classes = open_task(meta["task"], cfg.splits()[0], data_root=cfg.data_root, verify=False).num_classes
     torch.manual_seed(cfg.seed)  # as in train(): a random-init backbone is a function of the seed
     net = create_backbone(meta["model"], num_classes, pretrained=cfg.pretrained, img_size=cfg.img_size,
                           drop_path_rate=cfg.drop_path)
-    from sensitune.models import weights_fingerprint
-
     recorded = meta.get("base_fingerprint")
     if recorded and weights_fingerprint(net) != recorded:
         raise ValueError(f"{run}: the rebuilt backbone {meta['model']!r} (pretrained={cfg.pretrained!r}) differs from "
@@ -728,9 +701,6 @@ def load_run_model(run: str | Path, device: str = "auto") -> tuple[nn.Module, di
 def evaluate_run(run: str | Path, split: str = "test", *, device: str = "auto", batch_size: int | None = None,
                  data_root: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate a run folder's trained model on ``split``; writes ``eval_<split>.json`` and confusion files."""
-    from sensitune.data import build_transform, open_task
-    from sensitune.models import data_config
-
     run = Path(run)
     net, meta = load_run_model(run, device)
     cfg: TrainConfig = meta["cfg"]
