@@ -55,6 +55,12 @@ def test_method_and_make_plan_accept_and_refuse_the_same_budgets(name, budget):
         assert name in ("lora", "gps") and budget is None
 
 
+def test_an_unknown_method_lists_the_presets():
+    with pytest.raises(ValueError, match=r"unknown method 'lorra' \(did you mean 'lora'\?\); choose one of linear, full, "
+                                         r"bitfit, lora"):
+        get_method("lorra")
+
+
 def test_no_budget_names_the_budgeted_methods():
     with pytest.raises(ValueError, match=f"takes no budget .*use a budgeted method: {', '.join(budgeted())}"):
         get_method("lora").check_budget("1M")
