@@ -105,6 +105,27 @@ def test_scored_method_under_the_final_protocol(task, tmp_path):
     assert res["trainable_params"] == res["trainable_params_measured"]
 
 
+def test_score_options_reach_the_scorer(task, tmp_path):
+    """``score_options`` (``--set score.kinds=[matrix]``) is what the scorer is called with: the
+    saved score map holds matrices only, and the SPT plan trains no vector whole or sparsely."""
+    from safetensors import safe_open
+
+    from sensitune.models import tunable_tensors
+    from sensitune.planning import Plan
+
+    out = tmp_path / "spt-matrices"
+    train(MODEL, task, "spt-lora", out, budget="2%", score_batches=2, score_batch_size=8,
+          score_options={"kinds": ["matrix"]}, log=lambda s: None, **{**FAST, "epochs": 1})
+    with safe_open(str(out / "scores.safetensors"), "pt") as f:
+        scored = set(f.keys())
+    import timm
+
+    kinds = {t.name: t.kind for t in tunable_tensors(timm.create_model(MODEL, pretrained=False, num_classes=3))}
+    assert scored and {kinds[n] for n in scored} == {"matrix"}
+    plan = Plan.load(out / "plan.json")
+    assert all(kinds.get(u.target, "matrix") != "vector" for u in plan.units if u.mode != "head")
+
+
 def test_cli_train_and_eval(task, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["train", "--model", MODEL, "--task", str(task), "--method", "bitfit", "--out", str(out),

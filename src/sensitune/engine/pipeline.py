@@ -224,6 +224,7 @@ def _score_options(m: Method, cfg: TrainConfig, info: Any) -> dict[str, Any]:
         opts["batches"] = cfg.score_batches
     if cfg.score_batch_size is not None:
         opts["batch_size"] = cfg.score_batch_size
+    opts.update(cfg.score_options)  # ``score.X`` / ``score_options``: the run's explicit scorer options win
     return opts
 
 
