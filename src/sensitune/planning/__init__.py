@@ -4,7 +4,8 @@
 ``spt-lora``, ``spt-adapter`` (budget), ``gps`` (K), ``topk-sparse`` (budget) use scores;
 ``linear``, ``full``, ``bitfit``, ``lora``, ``adapter``, ``adaptformer``, ``bi-lora``,
 ``bi-adaptformer``, ``ssf`` do not. A budget is a count (``400000``, ``"0.4M"``, ``"400k"``) or a share
-of the backbone's parameters, head excluded (``"0.5%"``).
+of the backbone's parameters, head excluded (``"0.5%"``). The planners and their typed options are
+the entries of :data:`PLANNERS` (:mod:`sensitune.planning.registry`); a new one is registered there.
 """
 from __future__ import annotations
 
