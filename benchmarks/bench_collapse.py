@@ -27,6 +27,8 @@ COLUMNS = [
     ("gps", "gps", None, 5e-3, {}),
     ("full:head_lr=0.01", "full", None, 1e-4, {"head_lr": 0.01}),
     ("bi-lora:bits=32", "bi-lora", None, 1e-3, {"method_options": {"bits": 32}}),
+    # the same SPT budget scored on matrices only: no BatchNorm vector trains (whole or sparse)
+    ("spt-lora:budget=182272:score.kinds=[matrix]", "spt-lora", 182272, 1e-3, {"score_options": {"kinds": ["matrix"]}}),
 ]
 RECIPE = dict(img_size=64, warmup_epochs=0.5, grad_clip=1.0, score_batches=4, epochs=3, batch_size=32,
               protocol="val", progress=False, seed=0)
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--tasks", default="shapes_dist,shapes_loc")
     ap.add_argument("--factors", default="0.5,2", help="rates as factors of each column's centre lr")
+    ap.add_argument("--columns", help="comma-separated labels of COLUMNS (default: all)")
     ap.add_argument("--out", default="results/collapse")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -61,6 +64,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for task in args.tasks.split(","):
         for label, method, budget, lr, extra in COLUMNS:
+            if args.columns and label not in args.columns.split(","):
+                continue
             for factor in map(float, args.factors.split(",")):
                 run = out / task / label / f"lr{lr * factor:g}"
                 results = run / "results.json"
