@@ -57,3 +57,40 @@ def test_v0_1_plan_files_load(case):
     # the same plan as the one inside the delta of that case
     delta_plan = read_delta(HERE / case).plan
     assert [(u.target, u.mode, u.shape) for u in plan.units] == [(u.target, u.mode, u.shape) for u in delta_plan.units]
+
+
+# ----------------------------------------------------------------------------- format 2
+from .fixtures.v0_2 import make_fixtures as fx2  # noqa: E402
+
+HERE2 = Path(__file__).resolve().parent / "fixtures" / "v0_2"
+OUTPUTS2 = load_file(str(HERE2 / "outputs.safetensors"))
+
+
+@pytest.mark.parametrize("case", sorted(fx2.CASES))
+def test_format_2_delta_loads_bit_identically(case, tmp_path):
+    """Written by the format-2 code (fixtures/v0_2/make_fixtures.py): same logits, same indices."""
+    import math
+
+    from sensitune.io import index_dtype
+
+    assert json.loads((HERE2 / case / "delta.json").read_text())["format_version"] == 2
+    model = load_delta(fx2.v01.base(fx2.CASES[case][0]), HERE2 / case).eval()
+    with torch.no_grad():
+        assert torch.equal(model(OUTPUTS2["inputs"]), OUTPUTS2[case])
+    # the stored integer groups, cut in plan order, are exactly the plan's indices
+    raw = load_file(str(HERE2 / case / "delta.safetensors"))
+    plan = read_delta(HERE2 / case).plan
+    by_dtype: dict = {}
+    for u in plan.units:
+        if u.indices is not None:
+            by_dtype.setdefault(index_dtype(math.prod(u.shape)), []).append(u.indices)
+    for dtype, parts in by_dtype.items():
+        group = raw[f"sparse_indices.{str(dtype).removeprefix('torch.')}"]
+        assert torch.equal(group.to(torch.int64), torch.cat(parts)), dtype
+    assert {k for k in raw if k.startswith("sparse_indices.")} == {
+        f"sparse_indices.{str(d).removeprefix('torch.')}" for d in by_dtype}
+    # saved again by today's code and reloaded: still the same logits
+    save_delta(model, tmp_path / "again")
+    again = load_delta(fx2.v01.base(fx2.CASES[case][0]), tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.equal(again(OUTPUTS2["inputs"]), OUTPUTS2[case])
