@@ -108,7 +108,10 @@ def test_corrupt_packed_metadata_is_refused(saved):
         read_delta(saved)
 
 
-def test_out_of_range_indices_are_refused(saved):
+def test_out_of_range_indices_are_refused(tmp_path):
+    """Format 2: an integer index past the target's numel."""
+    saved = save_delta(tuned_vit("spt"), tmp_path / "d", format_version=2)
+
     def bad(t):
         idx = t["sparse_indices.int32"].clone()
         idx[-1] = 768 * 192

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from sensitune.artifacts import DeltaError, index_dtype, load_delta, read_delta, save_delta
 from sensitune.artifacts.format import META_FILE, TENSORS_FILE
+from sensitune.io import index_bits
 from sensitune.tuners import apply_plan, applied_plan
 
 from .helpers import images, lite0, make_plan, to_v1, trained, tuned_vit, units_for, vit
@@ -41,8 +42,11 @@ def test_only_trained_tensors_are_stored(tmp_path):
     trained_numel = sum(numel for _, _, numel in plan.parameters())
     value_numel = sum(t.numel() for k, t in delta.tensors.items() if not k.startswith("plan::"))
     assert value_numel == trained_numel == plan.num_trainable(include_head=True)
-    # the payload is what the plan estimates: float32 values + narrowest-int indices
-    assert delta.storage["tensor_bytes"] == plan.nbytes()
+    # the payload is what the plan estimates (float32 values + narrowest-int indices), less what
+    # bit-packing the indices at ceil(log2 numel) bits saves (format 3)
+    saved = sum(u.indices.numel() * index_dtype(u.numel).itemsize - math.ceil(u.indices.numel() * index_bits(u.numel) / 8)
+                for u in plan.units if u.indices is not None)
+    assert saved > 0 and delta.storage["tensor_bytes"] == plan.nbytes() - saved
     # every frozen tensor is absent (e.g. the fc1 weight whose entries are sparse)
     assert "blocks.1.mlp.fc1.weight" not in delta.tensors
     on_disk = (tmp_path / "d" / TENSORS_FILE).stat().st_size + (tmp_path / "d" / META_FILE).stat().st_size
@@ -60,10 +64,16 @@ def test_indices_use_the_narrowest_integer_type(tmp_path):
     # fc1: 768x192 = 147456 entries -> int32; norm1 (192) -> uint8; pos_embed 5x192 = 960 -> int16
     assert dtypes == {"blocks.1.mlp.fc1.weight": torch.int32, "blocks.1.norm1.weight": torch.uint8,
                       "pos_embed": torch.int16}
-    # storage report: the index minimum is nnz * ceil(log2(numel)) bits
+    # storage report: the index minimum is nnz * ceil(log2(numel)) bits; format 3 stores each
+    # unit's indices packed at that width (whole bytes per unit), format 2 in the integer dtypes
     row = delta.storage["by_part"]["sparse_indices"]
     assert row["minimum_bytes"] == math.ceil(300 * 18 / 8 + 3 * 8 / 8 + 3 * 10 / 8)
-    assert row["stored_bytes"] == 300 * 4 + 3 * 1 + 3 * 2
+    assert row["stored_bytes"] == math.ceil(300 * 18 / 8) + math.ceil(3 * 8 / 8) + math.ceil(3 * 10 / 8)
+    save_delta(model, tmp_path / "v2", format_version=2)
+    v2 = read_delta(tmp_path / "v2")
+    assert v2.storage["by_part"]["sparse_indices"]["stored_bytes"] == 300 * 4 + 3 * 1 + 3 * 2
+    assert {k: t.dtype for k, t in v2.tensors.items() if k.startswith("plan::")} == {
+        k: t.dtype for k, t in delta.tensors.items() if k.startswith("plan::")}
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -377,7 +387,7 @@ def test_plan_is_required(tmp_path):
     save_delta(model, tmp_path / "d", meta={"class_names": ["a", "b", "c", "d", "e"], "task": "x"})
     delta = read_delta(tmp_path / "d")
     assert delta.class_names == list("abcde") and delta.meta["extra"] == {"task": "x"}
-    assert delta.meta["sensitune_version"] and delta.meta["format_version"] == 2
+    assert delta.meta["sensitune_version"] and delta.meta["format_version"] == 3
     with pytest.raises(ValueError, match="3 names but the head has 5"):
         save_delta(model, tmp_path / "e", meta={"class_names": ["a", "b", "c"]})
 

@@ -3,8 +3,10 @@
 A delta folder holds ``delta.safetensors`` and ``delta.json``. The tensors are only what was
 trained (see :meth:`sensitune.planning.Plan.parameters`):
 
-* sparse units: the values vector, plus the plan's flat indices (``plan::<i>:<target>``) in the
-  narrowest integer dtype that holds the target's numel (uint8 / int16 / int32 / int64);
+* sparse units: the values vector, plus the plan's flat indices (``plan::<i>:<target>``),
+  bit-packed at ceil(log2 numel) bits each (format 3; format 2 stored them in the narrowest
+  integer dtype that holds the target's numel, uint8 / int16 / int32 / int64, and reading
+  gives them back in that dtype whichever format was read);
 * LoRA / adapter / AdaptFormer weights and the head: float32, or for ``bits`` < 32 the
   bit-packed level codes and μ, σ of :func:`sensitune.tuners.quant.pack_quantized`
   (``<param>::codes``, ``::mu``, ``::sigma``);
@@ -47,6 +49,7 @@ from sensitune.artifacts.format import (
     FORMAT_VERSION,
     INDEX_DTYPES,
     READABLE_VERSIONS,
+    WRITABLE_VERSIONS,
     META_FILE,
     TENSORS_FILE,
     AtomicDir,
@@ -207,7 +210,7 @@ def resolve_delta_dir(path: str | os.PathLike) -> Path:
 
 
 def read_delta(path: str | os.PathLike) -> Delta:
-    """Read and check a delta folder: format, stored tensors against the plan (v2) or the
+    """Read and check a delta folder: format, stored tensors against the plan (v2, v3) or the
     manifest (v1), dtypes, shapes, and that delta.json's claims agree with what is stored."""
     folder = resolve_delta_dir(path)
     where = folder / META_FILE
@@ -218,7 +221,7 @@ def read_delta(path: str | os.PathLike) -> Delta:
     if version not in READABLE_VERSIONS:
         raise DeltaError(f"{where}: delta format version {version!r} is not supported (this sensitune reads "
                          f"versions {', '.join(map(str, READABLE_VERSIONS))})")
-    for key in ("packed",) if version == 2 else ("plan", "tensors"):
+    for key in ("packed",) if version >= 2 else ("plan", "tensors"):
         if key not in meta:
             raise DeltaError(f"{where}: missing {key!r}")
     if "base_fingerprint" not in meta:
@@ -230,7 +233,7 @@ def read_delta(path: str | os.PathLike) -> Delta:
         stored = load_file(str(tfile))
     except (SafetensorError, OSError, ValueError) as exc:
         raise DeltaError(f"{tfile}: not a readable safetensors file ({exc})") from None
-    delta = _read_v2(meta, stored, folder) if version == 2 else _read_v1(meta, stored, folder)
+    delta = _read_compact(meta, stored, folder, version) if version >= 2 else _read_v1(meta, stored, folder)
     _check_claims(delta)
     return delta
 
@@ -253,13 +256,14 @@ def _read_v1(meta: dict, tensors: dict[str, Tensor], folder: Path) -> Delta:
     return Delta(meta=meta, tensors=tensors, path=folder)
 
 
-def _read_v2(meta: dict, groups: dict[str, Tensor], folder: Path) -> Delta:
-    """Unpack the plan, cut the group tensors into the v1 layout (tensors + manifest in ``meta``)."""
+def _read_compact(meta: dict, groups: dict[str, Tensor], folder: Path, version: int) -> Delta:
+    """Unpack the plan, cut the group tensors (format 2 or 3) into the v1 layout (tensors + manifest in ``meta``)."""
     where = str(folder / TENSORS_FILE)
     packed = compact.unpack_json(meta["packed"], str(folder / META_FILE))
     record = packed.get("plan") if isinstance(packed, dict) else None
     plan, tensors, manifest = compact.decode(
-        groups, packed, lambda indices: _plan_from_record(record, indices, str(folder / META_FILE)), where)
+        groups, packed, lambda indices: _plan_from_record(record, indices, str(folder / META_FILE)), where,
+        packed_indices=version >= 3)
     meta = {**meta, "plan": record, "tensors": manifest}
     return Delta(meta=meta, tensors=tensors, path=folder, _plan=plan)
 
@@ -288,8 +292,8 @@ def _check_claims(delta: Delta) -> None:
 def _minimum_bytes(info: Mapping[str, Any], t: Tensor) -> float:
     """Least bytes the information in one stored tensor needs (before per-file overheads)."""
     part = info["part"]
-    if part == "sparse_indices":
-        return t.numel() * index_bits(int(info["target_numel"])) / 8
+    if part == "sparse_indices":  # format 3 stores them packed: ``count`` indices in t's bytes
+        return int(info.get("count", t.numel())) * index_bits(int(info["target_numel"])) / 8
     if part == "lowbit_codes":
         return math.prod(info["param_shape"]) * int(info["bits"]) / 8
     return float(tensor_nbytes(t))
@@ -466,11 +470,16 @@ def _record(model: nn.Module, plan, meta: Mapping[str, Any], norm_stats: bool, f
     }
 
 
-def _write(out: Path, groups: dict[str, Tensor], record: dict[str, Any], stored: _Stored) -> None:
-    """Both files into ``out`` atomically; delta.json's storage report counts delta.json itself."""
+def _write(out: Path, groups: dict[str, Tensor], record: dict[str, Any], stored: Mapping[str, tuple[dict, Tensor]]
+           ) -> None:
+    """Both files into ``out`` atomically; delta.json's storage report counts delta.json itself.
+
+    ``stored``: each entry's manifest info and tensor as written (packed indices as their bytes).
+    """
     with AtomicDir(out) as tmp:
         save_file(groups, str(tmp / TENSORS_FILE), metadata={"format": FORMAT_NAME})
-        report = storage_report(stored.manifest, stored.tensors, (tmp / TENSORS_FILE).stat().st_size)
+        report = storage_report({k: info for k, (info, _) in stored.items()}, {k: t for k, (_, t) in stored.items()},
+                                (tmp / TENSORS_FILE).stat().st_size)
         record["storage"] = report
         # the JSON records its own size: iterate until the number no longer changes its length
         for _ in range(4):
@@ -484,7 +493,7 @@ def _write(out: Path, groups: dict[str, Tensor], record: dict[str, Any], stored:
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Mapping[str, Any] | None = None,
-               norm_stats: bool | None = None) -> Path:
+               norm_stats: bool | None = None, format_version: int = FORMAT_VERSION) -> Path:
     """Write what ``plan`` trained in ``model`` to the folder ``path`` (atomically) and return it.
 
     ``plan``: the Plan applied to ``model`` (default: the one apply_plan recorded on it).
@@ -492,7 +501,11 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
     pretrained, img_size), and anything else JSON-able (kept under ``extra``).
     ``norm_stats``: store BatchNorm running statistics (default True; they belong to the task
     when training ran BatchNorm in train mode). Pass False if they were kept frozen.
+    ``format_version``: 3 (default: sparse indices bit-packed) or 2 (indices in an integer
+    dtype, for a reader older than format 3; same content, a few % larger for sparse methods).
     """
+    if format_version not in WRITABLE_VERSIONS:
+        raise ValueError(f"format_version={format_version!r}: save_delta writes {WRITABLE_VERSIONS}")
     plan = _model_plan(model, plan)
     meta = dict(meta or {})
     stored = _Stored()
@@ -504,11 +517,14 @@ def save_delta(model: nn.Module, path: str | os.PathLike, *, plan=None, meta: Ma
         for bname, buf in _norm_stats(model).items():
             stored.put(f"{BUFFER_PREFIX}{bname}", buf, part="norm_stats", buffer=bname)
     record = _record(model, plan, meta, norm_stats, fingerprint)
-    # compact layout (format 2): one tensor per part and dtype, the plan packed; see artifacts/compact.py
-    groups, packed = compact.encode(stored.manifest, stored.tensors, plan)
+    record["format_version"] = format_version
+    # compact layout: one tensor per part and dtype, the plan packed, (format 3) the indices
+    # bit-packed; see artifacts/compact.py
+    groups, packed, written = compact.encode(stored.manifest, stored.tensors, plan,
+                                             packed_indices=format_version >= 3)
     record["packed"] = compact.pack_json(packed)
     out = Path(path)
-    _write(out, groups, record, stored)
+    _write(out, groups, record, written)
     return out
 
 
@@ -649,7 +665,7 @@ def apply_delta(model: nn.Module, delta: Delta, fingerprint: str) -> nn.Module:
 
 
 def _fitted(value: Tensor, target: Tensor, delta: Delta, key: str, name: str) -> Tensor:
-    """``value`` in ``target``'s shape: a compact (v2) delta stores every tensor flat."""
+    """``value`` in ``target``'s shape: a compact (v2, v3) delta stores every tensor flat."""
     if tuple(value.shape) != tuple(target.shape):
         flat = int(delta.meta.get("format_version", 1)) >= 2 and value.dim() == 1
         if not (flat and value.numel() == target.numel()):

@@ -20,8 +20,9 @@ from sensitune.io import read_json as _read_json
 TENSORS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
 FORMAT_NAME = "sensitune-delta"
-FORMAT_VERSION = 2  # written; 1 (a tensor per trained tensor + a manifest) still reads
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # written: 2 with bit-packed sparse indices; 1 (a tensor per trained tensor + a manifest) and 2 still read
+WRITABLE_VERSIONS = (2, 3)
+READABLE_VERSIONS = (1, 2, 3)
 
 INDEX_DTYPES = tuple(d for d, _ in _INDEX_DTYPES)
 

@@ -8,6 +8,11 @@ replace the per-byte Python loop of the reference code: on CPU the codes go thro
 column-wise shifts for 2 and 4 bits), elsewhere the same column-wise shifts run as torch ops on
 the tensor's own device. Single-threaded numpy is also the steadier choice on a busy 2-core CPU,
 where torch's intra-op threads were measured to stall (benchmarks/bench_packing.py).
+
+:func:`pack_uints` / :func:`unpack_uints` extend the same layout to any width from 1 to 63 bits
+(the sparse indices of a delta, at ceil(log2 numel) bits each): value j takes bits
+[j·bits, (j+1)·bits) of a little-endian bit stream, so for 1, 2, 4 and 8 bits they give exactly
+:func:`pack_bits`' bytes.
 """
 from __future__ import annotations
 
@@ -107,3 +112,58 @@ def _unpack_torch(flat: Tensor, bits: int, count: int) -> Tensor:
     for j in range(per_byte):
         out[:, j] = (flat >> (bits * j)) & mask
     return out.reshape(-1)[:count].contiguous()
+
+
+#: values per step of pack_uints / unpack_uints: a multiple of 8, so each step ends on a byte
+#: boundary, and small enough that the 64-bit-per-value scratch arrays stay a few MB
+_UINT_CHUNK = 1 << 16
+
+
+def _check_width(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 63:
+        raise ValueError(f"bits={bits!r}: packed integers take 1 to 63 bits")
+    return bits
+
+
+def pack_uints(values: Tensor, bits: int) -> Tensor:
+    """Non-negative integers (any integer dtype, each < 2**bits) as a 1-D uint8 tensor of
+    ceil(count·bits/8) bytes: value j at stream bits [j·bits, (j+1)·bits), least significant first."""
+    _check_width(bits)
+    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+        raise TypeError(f"values must be integers, got {values.dtype}")
+    flat = values.detach().reshape(-1).to("cpu", torch.int64).numpy()
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >> bits):
+        raise ValueError(f"values must lie in [0, {2 ** bits}) for {bits} bits, got "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    words = flat.astype("<u8")  # little-endian bytes: byte k of a row holds value bits 8k..8k+7
+    out = [np.packbits(np.unpackbits(words[s:s + _UINT_CHUNK].view(np.uint8).reshape(-1, 8), axis=1,
+                                     bitorder="little")[:, :bits].reshape(-1), bitorder="little")
+           for s in range(0, words.size, _UINT_CHUNK)]
+    return torch.from_numpy(np.concatenate(out)) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack_uints(packed: Tensor, bits: int, count: int) -> Tensor:
+    """The ``count`` integers (1-D int64) that :func:`pack_uints` stored in ``packed`` at ``bits`` bits.
+
+    ``packed`` must hold exactly ceil(count·bits/8) bytes with zero padding bits in the last
+    one (the encoding is canonical), else ValueError.
+    """
+    _check_width(bits)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed integers must be uint8, got {packed.dtype}")
+    flat = packed.detach().reshape(-1).cpu().numpy()
+    expected = math.ceil(count * bits / 8)
+    if flat.size != expected:
+        raise ValueError(f"{count} integers of {bits} bits need {expected} packed bytes, got {flat.size}")
+    tail = count * bits % 8
+    if tail and int(flat[-1]) >> tail:
+        raise ValueError(f"the last packed byte has non-zero padding bits ({int(flat[-1]):#04x}, {tail} bits used)")
+    out = np.empty(count, dtype="<u8")
+    wide = np.zeros((min(count, _UINT_CHUNK), 64), dtype=np.uint8)
+    for s in range(0, count, _UINT_CHUNK):
+        n = min(_UINT_CHUNK, count - s)
+        start = s * bits // 8  # s is a multiple of 8: a byte boundary
+        wide[:n, :bits] = np.unpackbits(flat[start:start + math.ceil(n * bits / 8)], count=n * bits,
+                                        bitorder="little").reshape(n, bits)
+        out[s:s + n] = np.packbits(wide[:n], axis=1, bitorder="little").view("<u8").reshape(-1)
+    return torch.from_numpy(out.view(np.int64))
