@@ -15,7 +15,11 @@ statistics: what ``sensitune train`` saves) and ``backbone`` (``head=False``, no
 smallest deltas, where metadata would weigh most). Reported per delta: its tensors' minimum (see ``storage_report``: float values,
 sparse indices at ceil(log2 numel) bits, low-bit codes at ``bits`` per weight), the bytes of the
 safetensors file and of delta.json, and whether the total meets issue 15's target
-``on disk <= 1.10 x minimum + 4 KiB``. With ``--timing``, also the save and load time, and a
+``on disk <= 1.10 x minimum + 4 KiB``. Deltas are written in format 3 (sparse indices bit-packed);
+for methods with sparse indices the same delta is also written in format 2 (indices in an integer
+dtype) and its bytes shown beside, and for ``--load-formats`` (default ``gps``) on
+``--load-formats-model`` (default ViT-B/16) the read_delta / load_delta time of both formats is
+measured side by side (interleaved medians: the cost of unpacking the indices). With ``--timing``, also the save and load time, and a
 TaskBank over all the tasks: ``activate`` (median over rounds of switching through all tasks)
 against loading the delta from disk and against deep-copying the base model.
 """
@@ -81,15 +85,14 @@ def median_time(fn: Callable[[], Any], repeat: int = 5) -> float:
     return statistics.median(times)
 
 
-def bytes_row(label: str, out: Path, times: str = "") -> tuple[str, bool]:
+def bytes_row(label: str, out: Path, times: str = "", v2: Path | None = None) -> tuple[str, bool]:
+    """One table row; ``v2``: the same delta written in format 2 (integer indices), for comparison."""
     delta = read_delta(out)
     st = delta.storage
     target = SLACK_RATIO * st["minimum_bytes"] + SLACK_BYTES
     ok = st["on_disk_bytes"] <= target
-    # what the file would be with the indices bit-packed at ceil(log2 numel) bits (not a format we write)
-    idx = st["by_part"].get("sparse_indices")
-    packed = st["on_disk_bytes"] - (idx["stored_bytes"] - idx["minimum_bytes"]) if idx else None
-    projected = f"{packed:,} ({'yes' if packed <= target else 'no'})" if packed is not None else "–"
+    old = read_delta(v2).storage["on_disk_bytes"] if v2 is not None else None
+    projected = f"{old:,} ({'yes' if old <= target else 'no'})" if old is not None else "–"
     row = (f"| {label} | {delta.meta['trainable']['with_head']:,} | {st['minimum_bytes']:,} | {st['tensor_bytes']:,} | "
            f"{st['safetensors_header_bytes']:,} | {st['json_bytes']:,} | {st['on_disk_bytes']:,} | "
            f"{st['on_disk_bytes'] / st['minimum_bytes']:.3f} | {int(target):,} | {'yes' if ok else '**no**'} | "
@@ -97,15 +100,41 @@ def bytes_row(label: str, out: Path, times: str = "") -> tuple[str, bool]:
     return row, ok
 
 
+def load_formats_row(name: str, classes: int, label: str, v3: Path, v2: Path, repeat: int = 7) -> str:
+    """read_delta and load_delta of the same delta in format 3 (packed indices) and 2, interleaved
+    (medians; load_delta onto a fresh base each time, its fingerprint hash included)."""
+    read = {2: [], 3: []}
+    for _ in range(repeat):
+        for v, folder in ((2, v2), (3, v3)):
+            t = time.perf_counter()
+            read_delta(folder)
+            read[v].append(time.perf_counter() - t)
+    load = {2: [], 3: []}
+    for _ in range(3):
+        for v, folder in ((2, v2), (3, v3)):
+            model = base(name, classes)
+            t = time.perf_counter()
+            load_delta(model, folder)
+            load[v].append(time.perf_counter() - t)
+    delta = read_delta(v3)
+    nnz = sum(u.indices.numel() for u in delta.plan.units if u.indices is not None)
+    r2, r3 = (statistics.median(read[v]) * 1e3 for v in (2, 3))
+    l2, l3 = (statistics.median(load[v]) * 1e3 for v in (2, 3))
+    return (f"\n  load time of {label} ({nnz:,} indices), format 2 -> 3: read_delta {r2:.1f} -> {r3:.1f} ms "
+            f"(+{r3 - r2:.1f} ms unpacking), load_delta onto a fresh base {l2:.0f} -> {l3:.0f} ms "
+            f"(medians of {repeat} / 3, interleaved)\n")
+
+
 def bench_model(name: str, classes: int, config: str, methods: list[tuple[str, str, Any, dict[str, Any]]],
-                root: Path, timing: bool, rounds: int) -> list[str]:
-    """Print one model's table; returns the labels that miss the target."""
+                root: Path, timing: bool, rounds: int, load_formats: tuple[str, ...] = ()) -> list[str]:
+    """Print one model's table; returns the labels that miss the target. ``load_formats``: labels whose
+    load time is measured in formats 2 and 3 side by side."""
     plan_options, norm_stats = CONFIGS[config]
     n_params = sum(p.numel() for p in base(name, classes).parameters())
     print(f"\n## {name} ({n_params / 1e6:.2f}M parameters), {config} deltas"
           f"{f' ({classes}-way head)' if config == 'task' else ' (no head, no BatchNorm statistics)'}\n")
     cols = ("| method | trainable | minimum B | tensors B | st header B | json B | on disk B | disk/min | target B "
-            "| meets | packed indices B (meets) |")
+            "| meets | format 2 on disk B (meets) |")
     print(cols + (" save s | load s |" if timing else ""))
     print("|---" * (11 + 2 * timing) + "|")
     folders, misses = {}, []
@@ -122,8 +151,15 @@ def bench_model(name: str, classes: int, config: str, methods: list[tuple[str, s
             times = f" {save_s:.3f} | {load_s:.3f} |"
         else:
             save_delta(model, out, norm_stats=norm_stats)
-        row, ok = bytes_row(label, out, times)
+        v2 = None
+        if any(u.indices is not None for u in read_delta(out).plan.units):  # the format-2 bytes beside
+            v2 = save_delta(model, out.with_name(out.name + "-v2"), norm_stats=norm_stats, format_version=2)
+        row, ok = bytes_row(label, out, times, v2)
         print(row, flush=True)
+        if v2 is not None and label in load_formats:
+            print(load_formats_row(name, classes, label, out, v2), flush=True)
+        if v2 is not None:
+            shutil.rmtree(v2)
         if not ok:
             misses.append(label)
         del model
@@ -170,6 +206,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=10, help="classes of the task head")
     ap.add_argument("--timing", action="store_true", help="also time save/load and a TaskBank over the tasks")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--load-formats", default="gps", help="methods whose task delta's load time is compared in "
+                    "formats 2 and 3 (on --load-formats-model)")
+    ap.add_argument("--load-formats-model", default="vit_base_patch16_224")
     args = ap.parse_args()
     torch.set_num_threads(2)
     methods = METHODS
@@ -184,8 +223,9 @@ def main() -> None:
     try:
         for name in args.models.split(","):
             for config in args.configs.split(","):
+                timed = tuple(args.load_formats.split(",")) if name == args.load_formats_model and config == "task" else ()
                 misses[f"{name} {config}"] = bench_model(name, args.classes, config, methods, root, args.timing,
-                                                         args.rounds)
+                                                         args.rounds, timed)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("\nmisses of the target (on disk <= 1.10 x minimum + 4 KiB):",
