@@ -120,9 +120,9 @@ def load_formats_row(name: str, classes: int, label: str, v3: Path, v2: Path, re
     nnz = sum(u.indices.numel() for u in delta.plan.units if u.indices is not None)
     r2, r3 = (statistics.median(read[v]) * 1e3 for v in (2, 3))
     l2, l3 = (statistics.median(load[v]) * 1e3 for v in (2, 3))
-    return (f"\n  load time of {label} ({nnz:,} indices), format 2 -> 3: read_delta {r2:.1f} -> {r3:.1f} ms "
+    return (f"\nload time of {label} ({nnz:,} indices), format 2 -> 3: read_delta {r2:.1f} -> {r3:.1f} ms "
             f"(+{r3 - r2:.1f} ms unpacking), load_delta onto a fresh base {l2:.0f} -> {l3:.0f} ms "
-            f"(medians of {repeat} / 3, interleaved)\n")
+            f"(medians of {repeat} / 3, interleaved)")
 
 
 def bench_model(name: str, classes: int, config: str, methods: list[tuple[str, str, Any, dict[str, Any]]],
@@ -137,7 +137,7 @@ def bench_model(name: str, classes: int, config: str, methods: list[tuple[str, s
             "| meets | format 2 on disk B (meets) |")
     print(cols + (" save s | load s |" if timing else ""))
     print("|---" * (11 + 2 * timing) + "|")
-    folders, misses = {}, []
+    folders, misses, load_lines = {}, [], []
     for label, planner, budget, options in methods:
         if planner == "linear" and plan_options.get("head") is False:
             continue  # nothing to store
@@ -157,7 +157,7 @@ def bench_model(name: str, classes: int, config: str, methods: list[tuple[str, s
         row, ok = bytes_row(label, out, times, v2)
         print(row, flush=True)
         if v2 is not None and label in load_formats:
-            print(load_formats_row(name, classes, label, out, v2), flush=True)
+            load_lines.append(load_formats_row(name, classes, label, out, v2))
         if v2 is not None:
             shutil.rmtree(v2)
         if not ok:
@@ -167,6 +167,8 @@ def bench_model(name: str, classes: int, config: str, methods: list[tuple[str, s
             folders[label] = out  # the bank loads them all
         else:
             shutil.rmtree(out)  # a full ViT-B delta is 344 MB
+    for line in load_lines:  # after the table, which a line inside would cut in two
+        print(line, flush=True)
     if timing:
         bench_bank(name, classes, folders, rounds)
     return misses
