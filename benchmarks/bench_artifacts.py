@@ -19,9 +19,10 @@ safetensors file and of delta.json, and whether the total meets issue 15's targe
 for methods with sparse indices the same delta is also written in format 2 (indices in an integer
 dtype) and its bytes shown beside, and for ``--load-formats`` (default ``gps``) on
 ``--load-formats-model`` (default ViT-B/16) the read_delta / load_delta time of both formats is
-measured side by side (interleaved medians: the cost of unpacking the indices). With ``--timing``, also the save and load time, and a
-TaskBank over all the tasks: ``activate`` (median over rounds of switching through all tasks)
-against loading the delta from disk and against deep-copying the base model.
+measured side by side (interleaved medians: the cost of unpacking the indices). With
+``--timing``, also the save and load time, and a TaskBank over all the tasks: ``activate``
+(median over rounds of switching through all tasks) against loading the delta from disk and
+against deep-copying the base model.
 """
 from __future__ import annotations
 
@@ -225,7 +226,8 @@ def main() -> None:
     try:
         for name in args.models.split(","):
             for config in args.configs.split(","):
-                timed = tuple(args.load_formats.split(",")) if name == args.load_formats_model and config == "task" else ()
+                on_model = name == args.load_formats_model and config == "task"
+                timed = tuple(args.load_formats.split(",")) if on_model else ()
                 misses[f"{name} {config}"] = bench_model(name, args.classes, config, methods, root, args.timing,
                                                          args.rounds, timed)
     finally:
