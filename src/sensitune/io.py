@@ -37,8 +37,11 @@ def index_dtype(numel: int) -> torch.dtype:
 
 
 def index_bits(numel: int) -> int:
-    """Bits one flat index into ``numel`` entries needs at least: ceil(log2(numel)), >= 1."""
-    return max(1, math.ceil(math.log2(numel))) if numel > 1 else 1
+    """Bits one flat index into ``numel`` entries needs at least: ceil(log2(numel)), >= 1 (exact
+    integer arithmetic: a float log2 rounds 2**49 + 1 down to 49 bits)."""
+    if numel < 1:
+        raise ValueError(f"numel must be >= 1, got {numel}")
+    return max(1, (numel - 1).bit_length())
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Plan: JSON + safetensors round trip, summary, budgets, presets and their errors."""
 import json
+import math
 
 import pytest
 import timm
@@ -127,8 +128,9 @@ def test_bytes_on_disk_estimate():
     assert plan.nbytes() == 2 * 2 * 2 * (32 * 192 // 8 + 8)
     gps = make_plan(model, _scores(model), "gps", head=False)
     sparse = [u for u in gps.units if u.mode == "sparse"]
-    assert sum(u.nbytes() for u in sparse) == sum(u.num_params * (4 + (4 if u.shape[0] * u.shape[1] > 32767 else 2))
-                                                  for u in sparse)
+    # 4 B per value + indices packed at ceil(log2 numel) bits (delta format 3)
+    assert sum(u.nbytes() for u in sparse) == sum(
+        4 * u.num_params + math.ceil(u.num_params * (u.shape[0] * u.shape[1] - 1).bit_length() / 8) for u in sparse)
 
 
 @pytest.mark.parametrize("text,expected", [(400000, 400000), ("0.4M", 400000), ("400k", 400000), ("1.5e5", 150000),

@@ -83,7 +83,7 @@ def test_bytes_match_the_stored_tensors(name, mode, tmp_path):
         q = u.spec.quantised(u)
         floats = sum(k for n, _, k in u.parameters() if n not in q)
         codes = sum(math.ceil(k * q[n] / 8) + 8 for n, _, k in u.parameters() if n in q)
-        idx = 0 if u.indices is None else u.indices.numel() * (1 if u.numel <= 256 else 2 if u.numel <= 32768 else 4)
+        idx = 0 if u.indices is None else math.ceil(u.indices.numel() * max(1, (u.numel - 1).bit_length()) / 8)
         assert u.nbytes() == 4 * floats + codes + idx
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sensitune.io import index_dtype
+from sensitune.io import index_bits
 from sensitune.tuners.host import tuning_state
 from sensitune.tuners.modes.base import Mode, tensor_infos
 from sensitune.tuners.sparse import SparseIndex, scatter_delta
@@ -26,7 +26,7 @@ class Sparse(Mode):
 
     def nbytes(self, unit) -> int:
         n = int(unit.indices.numel())
-        return 4 * n + n * index_dtype(math.prod(unit.shape)).itemsize
+        return 4 * n + math.ceil(n * index_bits(math.prod(unit.shape)) / 8)  # delta format 3: packed indices
 
     def attach(self, module: nn.Module, unit) -> None:
         param = module._parameters[unit.leaf]
