@@ -7,7 +7,10 @@ run is its own process. Reported per model and configuration:
 
 * the median over rounds of each version's median step CPU time;
 * the median over rounds of the paired ratio after ÷ before, taken within a round, so slow
-  phases of a shared machine cancel.
+  phases of a shared machine cancel;
+* the same ratio with each run's times divided by its own ``floor`` row (a frozen model: no
+  tuner code runs), which also cancels a slow phase that lasts a whole run. ``floor`` and
+  ``peft-lora`` run no sensitune code, so their plain ratios show the noise level.
 
 Run at ``--threads 1`` on a shared machine: the CPU time of the stepping thread does not count the
 time it spends descheduled.
@@ -56,6 +59,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", required=True, help="git revision of the 'before' library")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", metavar="FILE", help="also write every run's raw results")
     ap.add_argument("bench_args", nargs="*", help="arguments for bench_tuners.py (after --)")
     args = ap.parse_args()
     bench_args = args.bench_args or ["--models", "vit", "effnet", "--steps", "6"]
@@ -72,15 +76,23 @@ def main() -> int:
                          text=True).stdout.strip()
     print(f"before = {args.before}, after = {rev} (+ uncommitted changes, if any); {args.rounds} rounds; "
           f"bench_tuners.py {' '.join(bench_args)}")
-    print("\n| model | config | before cpu s | after cpu s | after ÷ before (paired median) | range over rounds |")
-    print("|---|---|---|---|---|---|")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1))
+    print("\n| model | config | before cpu s | after cpu s | after ÷ before (paired median) | range over rounds "
+          "| ÷ floor, after ÷ before |")
+    print("|---|---|---|---|---|---|---|")
     for model in runs["after"][0]["models"]:
         for config in runs["after"][0]["models"][model]:
             b = [run["models"][model][config]["cpu_median_s"] for run in runs["before"]]
             a = [run["models"][model][config]["cpu_median_s"] for run in runs["after"]]
             ratios = [x / y for x, y in zip(a, b)]
+            floor = "-"
+            if "floor" in runs["after"][0]["models"][model]:
+                fb = [run["models"][model]["floor"]["cpu_median_s"] for run in runs["before"]]
+                fa = [run["models"][model]["floor"]["cpu_median_s"] for run in runs["after"]]
+                floor = f"{statistics.median((x / p) / (y / q) for x, p, y, q in zip(a, fa, b, fb)):.3f}"
             print(f"| {model} | {config} | {statistics.median(b):.3f} | {statistics.median(a):.3f} | "
-                  f"{statistics.median(ratios):.3f} | {min(ratios):.2f}–{max(ratios):.2f} |")
+                  f"{statistics.median(ratios):.3f} | {min(ratios):.2f}–{max(ratios):.2f} | {floor} |")
     return 0
 
 
