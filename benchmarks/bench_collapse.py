@@ -29,6 +29,8 @@ COLUMNS = [
     ("bi-lora:bits=32", "bi-lora", None, 1e-3, {"method_options": {"bits": 32}}),
     # the same SPT budget scored on matrices only: no BatchNorm vector trains (whole or sparse)
     ("spt-lora:budget=182272:score.kinds=[matrix]", "spt-lora", 182272, 1e-3, {"score_options": {"kinds": ["matrix"]}}),
+    # the same plan family with batch statistics (the reference codes' BatchNorm): BN re-centres every batch
+    ("spt-lora:budget=182272:norm_stats=batch", "spt-lora", 182272, 1e-3, {"norm_stats": "batch"}),
 ]
 RECIPE = dict(img_size=64, warmup_epochs=0.5, grad_clip=1.0, score_batches=4, epochs=3, batch_size=32,
               protocol="val", progress=False, seed=0)
