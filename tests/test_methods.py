@@ -148,3 +148,24 @@ def test_listing_the_methods_imports_no_torch():
     code = ("import sys; from sensitune.methods import describe, get_method; describe(); get_method('lora'); "
             "print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_an_exponent_without_a_dot_is_a_float_where_the_option_takes_one():
+    """PyYAML reads ``1e-3`` as a string; a float option still gets the number."""
+    from sensitune.commands.train import _key_value
+
+    key, value = _key_value("plan.alpha=1e1")
+    assert value == "1e1"  # what YAML 1.1 gives
+    staged = get_method("spt-lora").stage_options({key: value}, "--set")
+    assert staged.plan == {"alpha": 10.0} and isinstance(staged.plan["alpha"], float)
+    staged = get_method("gps").stage_options({"score.temperature": "7e-2"}, "--set")
+    assert staged.score == {"temperature": 0.07}
+    with pytest.raises(ValueError, match="wrong type"):  # a word stays a word, and is refused
+        get_method("spt-lora").stage_options({"plan.alpha": "ten"}, "--set")
+
+
+def test_a_replaced_training_setting_is_still_read_through_set():
+    """``--set frozen_bn=eval`` (sensitune 0.1) means what it meant, with a deprecation warning."""
+    with pytest.warns(DeprecationWarning, match="frozen_bn is replaced by norm_stats"):
+        staged = get_method("lora").stage_options({"frozen_bn": "eval"}, "--set")
+    assert staged.train == {"norm_stats": "pretrained-if-frozen"}

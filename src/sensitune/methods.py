@@ -92,7 +92,7 @@ class Method:
         a training setting; scorer options are always scoped). A bare name that is both is
         refused naming both spellings, so it never silently lands in the wrong stage. Names and
         types of planner and scorer options are checked here; training settings by TrainConfig."""
-        from sensitune.engine.config import check_keys, coerce_values, config_keys
+        from sensitune.engine.config import check_keys, coerce_values, config_keys, translate_legacy_keys
 
         planner, scorer, train_keys = self.planner, self.scorer_spec, config_keys()
         staged = StagedOptions()
@@ -110,9 +110,14 @@ class Method:
             if name in stage:
                 raise ValueError(f"{where}: {scope}.{name} is given twice (once scoped, once bare)")
             stage[name] = value
+        _numbers_from_text(staged.plan, planner.options)
         planner.check(staged.plan, where)
         if scorer is not None:
+            _numbers_from_text(staged.score, scorer.options)
             scorer.check(staged.score, where)
+        translated = dict(translate_legacy_keys(staged.train, where))
+        staged.train.clear()
+        staged.train.update(translated)
         check_keys(staged.train, where)
         coerce_values(staged.train, where)  # a wrong type is refused now, not when the run starts
         return staged
@@ -132,6 +137,18 @@ class Method:
         raise ValueError(f"{where}: unknown option {name!r}{did_you_mean(name, [*planner.options, *train_keys])}; "
                          f"the planner {self.plan} takes: {listing}; any other name must be a training setting "
                          f"(one of {', '.join(sorted(train_keys))}), or scoped: plan.NAME, score.NAME, train.NAME")
+
+
+def _numbers_from_text(options: dict[str, Any], declared: Mapping[str, Any]) -> None:
+    """Turn ``"1e-3"`` into the float 1e-3, in place, where the option takes a float: YAML 1.1
+    (PyYAML) reads an exponent without a dot as a string, which a float option would refuse."""
+    for key, value in list(options.items()):
+        hint = declared.get(key)
+        if isinstance(value, str) and hint is not None and not value_matches(value, hint) and value_matches(1.0, hint):
+            try:
+                options[key] = float(value)
+            except ValueError:
+                pass  # not a number: the check names the expected type
 
 
 def check_budget_syntax(budget: Any) -> None:

@@ -189,3 +189,8 @@ def test_sparse_bytes_on_disk_are_the_minimum_plus_header_and_json(method, budge
     assert 0 <= payload - minimum < len(sparse), (payload, minimum)
     assert st["on_disk_bytes"] == payload + header + (folder / META_FILE).stat().st_size
     assert st["on_disk_bytes"] - minimum < len(sparse) + 1024 + 4096
+
+
+def test_a_negative_count_is_refused():
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        unpack_uints(torch.zeros(0, dtype=torch.uint8), 5, -1)

@@ -241,3 +241,9 @@ def test_resuming_a_finished_run_with_other_settings_is_refused_listing_them(tas
     assert cli_main(argv(task, out, "linear", "--resume")) == 0  # the same settings: its results, unchanged
     assert "run already complete" in capsys.readouterr().out
     assert snapshot(out) == before
+
+
+def test_scorer_options_for_a_method_without_scores_are_refused_before_any_work(task, tmp_path, capsys, no_work):
+    out = tmp_path / "run"
+    err = refused(capsys, argv(task, out, "lora", "--set", "score_options={batches: 8}"))
+    assert "method 'lora' computes no scores" in err and not out.exists()

@@ -284,3 +284,15 @@ def test_fit_records_the_loss_before_any_update_and_a_too_large_lr_is_flagged(tm
     bad = fit(tiny_vit(), TinyTask(32), build_config(overrides=dict(
         epochs=3, batch_size=8, lr=5.0, warmup_epochs=0, progress=False)), log=lambda s: None)
     assert divergence(bad.history) is not None
+
+
+def test_score_options_count_as_a_changed_setting_in_both_directions():
+    """A run made with scorer options is not the same run without them, nor the reverse; a run
+    made before score_options existed (key absent) equals one with none."""
+    from sensitune.engine.trainer import settings_diff
+
+    with_opts = build_config(None, {"score_options": {"batches": 8}})
+    without = build_config(None, {})
+    assert settings_diff(with_opts.to_dict(), without) == {"score_options": ({"batches": 8}, {})}
+    assert settings_diff(without.to_dict(), with_opts) == {"score_options": ({}, {"batches": 8})}
+    assert "score_options" not in without.to_dict() and settings_diff(without.to_dict(), without) == {}

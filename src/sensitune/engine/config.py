@@ -147,8 +147,9 @@ MAPPING_KEYS = ("method_options", "score_options")
 
 
 def config_keys() -> set[str]:
-    """The names of every training setting (what a bare or ``train.`` option can be)."""
-    return set(_FIELDS)
+    """The names of every training setting (what a bare or ``train.`` option can be), including
+    the replaced ones still read (``frozen_bn``)."""
+    return set(_FIELDS) | set(LEGACY_KEYS)
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -199,7 +200,11 @@ def coerce_values(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     return {key: _coerce(key, value, source) for key, value in values.items()}
 
 
-def _translate_legacy_keys(values: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+#: settings of earlier versions that are still read, translated to what replaced them
+LEGACY_KEYS = ("frozen_bn",)
+
+
+def translate_legacy_keys(values: Mapping[str, Any], source: str) -> Mapping[str, Any]:
     """``frozen_bn`` (sensitune 0.1) becomes the ``norm_stats`` value with the same behaviour."""
     if "frozen_bn" not in values:
         return values
@@ -262,7 +267,7 @@ def build_config(
         layers.append((f"config file {config}", read_config_file(config)))
     layers.append(("overrides", {k: v for k, v in (overrides or {}).items() if v is not None}))
     for source, layer in layers:
-        layer = _translate_legacy_keys(layer, source)
+        layer = translate_legacy_keys(layer, source)
         check_keys(layer, source)
         for key, value in layer.items():
             value = _coerce(key, value, source)

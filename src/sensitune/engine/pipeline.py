@@ -76,8 +76,6 @@ RUN_FORMAT = "sensitune-run/1"
 RESULTS_FORMAT = "sensitune-results/1"
 #: what must be equal for --resume to continue a run
 IDENTITY_KEYS = ("model", "task", "method", "budget")
-#: scorers that run the model forward in training mode and take a ``batchnorm`` mode
-GRADIENT_SCORERS = ("sensitivity", "gps")
 
 
 # -- run folder ------------------------------------------------------------------------------------
@@ -190,6 +188,9 @@ def _check_settings(m: Method, cfg: TrainConfig, info: Any) -> None:
     """The checks that need neither data nor model: augmentation, method options, batch vs processes."""
     if cfg.augment is not None and cfg.augment not in AUGMENTATIONS:
         raise ValueError(f"config: augment={cfg.augment!r} is unknown; choose one of {', '.join(AUGMENTATIONS)}")
+    if cfg.score_options and m.scorer is None:
+        raise ValueError(f"method {m.name!r} computes no scores, so score_options "
+                         f"{cfg.score_options!r} would never be used; drop them")
     m.check_options(cfg.method_options, _score_options(m, cfg, info))
     if cfg.batch_size % info.world:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the number of "
@@ -218,7 +219,7 @@ def _check_budget_range(budget: Any, net: nn.Module) -> None:
 def _score_options(m: Method, cfg: TrainConfig, info: Any) -> dict[str, Any]:
     """What the scorer is called with (its preset options, then the run's settings)."""
     opts = {**m.score_options, "seed": cfg.seed, "progress": cfg.progress and info.is_main}
-    if m.scorer in GRADIENT_SCORERS:  # scoring normalises as training will
+    if m.scorer_spec is not None and "batchnorm" in m.scorer_spec.options:  # scoring normalises as training will
         opts.setdefault("batchnorm", "train" if cfg.norm_stats == "batch" else "eval")
     if cfg.score_batches is not None:
         opts["batches"] = cfg.score_batches

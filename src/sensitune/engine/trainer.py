@@ -283,6 +283,10 @@ def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: settings ``TrainConfig.to_dict`` leaves out while empty (so runs made before they existed compare equal)
+OMITTED_WHEN_EMPTY = ("score_options",)
+
+
 def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
 
@@ -290,8 +294,11 @@ def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 def settings_diff(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """``{key: (was, now)}`` for every setting that changes the math and differs between a
     saved run's settings (a checkpoint's or results.json's) and ``cfg``."""
-    was = saved_settings(saved)
-    return {k: (was.get(k), v) for k, v in config_fingerprint(cfg).items() if was.get(k) != v}
+    was, now = saved_settings(saved), config_fingerprint(cfg)
+    for key in OMITTED_WHEN_EMPTY:  # absent on either side means empty, so a change either way shows
+        was.setdefault(key, {})
+        now.setdefault(key, {})
+    return {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
 
 
 def describe_diff(diff: dict[str, tuple[Any, Any]]) -> str:

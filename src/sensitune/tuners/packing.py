@@ -151,6 +151,8 @@ def unpack_uints(packed: Tensor, bits: int, count: int) -> Tensor:
     _check_width(bits)
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed integers must be uint8, got {packed.dtype}")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
     flat = packed.detach().reshape(-1).cpu().numpy()
     expected = math.ceil(count * bits / 8)
     if flat.size != expected:
