@@ -169,3 +169,10 @@ def test_a_replaced_training_setting_is_still_read_through_set():
     with pytest.warns(DeprecationWarning, match="frozen_bn is replaced by norm_stats"):
         staged = get_method("lora").stage_options({"frozen_bn": "eval"}, "--set")
     assert staged.train == {"norm_stats": "pretrained-if-frozen"}
+
+
+def test_sensitune_plan_lists_every_registered_planner():
+    from sensitune.commands.plan import planner_names
+    from sensitune.planning import PLANNERS
+
+    assert sorted(planner_names()) == sorted(PLANNERS)  # ssf included: the hand-written list lacked it

@@ -5,6 +5,14 @@ import argparse
 from pathlib import Path
 
 
+def planner_names() -> list[str]:
+    """The planners a plan can be made with, from the methods (torch-free, for ``--help``): each
+    method names its planner, and every registered planner is some method's."""
+    from sensitune.methods import METHODS
+
+    return list(dict.fromkeys(m.plan for m in METHODS.values()))
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "plan", help="allocate where and how to tune (SPT, GPS, top-k, presets) into plan.json",
@@ -13,8 +21,7 @@ def register(subparsers) -> None:
                     "beside it). Prints the plan's summary.")
     p.add_argument("--model", metavar="NAME", help="backbone name (default: the one recorded in --scores)")
     p.add_argument("--scores", metavar="FILE", help="score file from `sensitune score` (needed by spt-*, gps, topk-sparse)")
-    p.add_argument("--method", required=True, help="spt-lora, spt-adapter, gps, topk-sparse, linear, full, bitfit, "
-                                                  "lora, adapter, adaptformer, bi-lora, bi-adaptformer")
+    p.add_argument("--method", required=True, help=", ".join(planner_names()))
     p.add_argument("--budget", metavar="N", help="400000, 0.4M, 400k or 0.5%% (share of the backbone, head excluded)")
     p.add_argument("--out", required=True, metavar="FILE", help="plan file to write (.json)")
     p.add_argument("--num-classes", type=int, metavar="C", help="head size (default: recorded in --scores)")
