@@ -243,3 +243,28 @@ def test_default_spt_lora_and_bitfit_on_lite0_keep_every_running_statistic_and_s
     stats = {k: v for k, v in ckpt.items() if k in base}
     assert len(stats) == len(base) or not stats  # either the checkpoint stores them all, or none
     assert all(torch.equal(base[k], v) for k, v in stats.items())
+
+
+def test_the_head_group_follows_its_own_schedule_after_warm_up():
+    """head_lr: the head's groups warm up to head_lr and decay from it on the same cosine, every
+    other group from lr (compared with the closed form at every step, past the warm-up too)."""
+    from dataclasses import replace
+
+    from sensitune.engine.trainer import make_scheduler, schedule_lr
+
+    model = apply_plan(bn_model(), make_plan(bn_model(), None, "bitfit"))
+    head = {id(p) for p in model.get_classifier().parameters()}
+    cfg = build_config(overrides={"lr": 1e-3, "head_lr": 2e-2, "epochs": 3, "warmup_epochs": 1.0,
+                                  "warmup_lr": 1e-6, "min_lr": 1e-5})
+    opt = torch.optim.AdamW(param_groups(model, 0.1, head=lambda n, p: id(p) in head, head_lr=cfg.head_lr),
+                            lr=cfg.lr)
+    steps = 5
+    sched = make_scheduler(opt, cfg, steps)
+    head_cfg = replace(cfg, lr=cfg.head_lr)
+    for step in range(cfg.epochs * steps):
+        sched.step_update(step)
+        for g in opt.param_groups:
+            is_head = {id(p) for p in g["params"]} <= head
+            want = schedule_lr(step, head_cfg if is_head else cfg, steps)
+            assert g["lr"] == pytest.approx(want, rel=1e-9, abs=1e-12), (step, is_head)
+    assert any({id(p) for p in g["params"]} <= head for g in opt.param_groups)
