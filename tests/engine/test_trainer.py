@@ -264,6 +264,9 @@ def test_divergence_rule_on_hand_made_histories():
                                                          {"train_loss": 1.2}])
     assert "nan" in divergence([{"train_loss": 1.0, "start_loss": 1.1}, {"train_loss": float("nan")}])
     assert divergence([{"train_loss": 2.0}, {"train_loss": 2.5}]) is not None  # no start_loss: first epoch's mean
+    # a collapse ends a hair above ln C: the message shows the digits that make "above" visible
+    flat = divergence([{"train_loss": 1.80, "start_loss": 1.7917595}, {"train_loss": 1.7918}])
+    assert "ended at 1.7918, above where it started (1.79176): it learned nothing" in flat
 
 
 def test_fit_records_the_loss_before_any_update_and_a_too_large_lr_is_flagged(tmp_path):

@@ -353,6 +353,10 @@ def divergence(history: list[dict[str, Any]]) -> str | None:
     if not math.isfinite(end):
         return f"training loss is {end}"
     if end > start:
+        if end - start < 1e-3 * abs(start):  # "1.792, above 1.792" reads as a contradiction: show the digits
+            return (f"training loss ended at {end:.6g}, above where it started ({start:.6g}): it learned "
+                    f"nothing (a run collapsed to constant predictions ends at the label entropy, ln C "
+                    f"for balanced classes)")
         return f"training loss ended at {end:.4g}, above where it started ({start:.4g})"
     return None
 
