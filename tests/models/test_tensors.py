@@ -1,3 +1,4 @@
+import pytest
 import timm
 import torch
 from torch import nn
@@ -45,3 +46,21 @@ def test_plain_module_head_is_last_linear():
         ("3.weight", "vector"), ("3.bias", "vector"), ("4.weight", "head"), ("4.bias", "head"),
     ]
     assert torch.equal(torch.tensor(infos[0].matrix_shape), torch.tensor([4, 27]))
+
+
+def test_kept_training_flags_restores_each_modules_own_flag_even_after_an_error():
+    """``model.train()`` / ``.eval()`` set every flag alike; the context puts back the mix."""
+    from torch import nn
+
+    from sensitune.models import kept_training_flags
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    model.train()
+    model[1].eval()
+    model[2][1].eval()
+    before = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError):
+        with kept_training_flags(model):
+            model.eval()
+            raise RuntimeError("evaluation failed half-way")
+    assert [m.training for m in model.modules()] == before == [True, True, False, True, True, False]

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sensitune.io import atomic_write_bytes, atomic_write_text
+from sensitune.models import kept_training_flags
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -64,14 +65,13 @@ def evaluate_model(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
-    modes = [(m, m.training) for m in model.modules()]  # restored per module (frozen norms stay in eval)
-    model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     num_classes = num_classes or getattr(data, "num_classes", None)
     all_labels, all_preds = [], []
     loss_sum = 0.0
-    try:
+    with kept_training_flags(model):  # restored per module (frozen norms stay in eval)
+        model.eval()
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast_context(device, precision):
@@ -82,9 +82,6 @@ def evaluate_model(
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
             all_labels.append(labels.cpu())
             all_preds.append(logits.argmax(1).cpu())
-    finally:
-        for m, mode in modes:
-            m.training = mode
     if not all_labels:
         raise ValueError("evaluation data is empty")
     labels = torch.cat(all_labels)

@@ -9,7 +9,8 @@ from sensitune.models.backbones import (
     weights_fingerprint,
 )
 from sensitune.models.hf import HFImageClassifier
-from sensitune.models.tensors import RowSlice, TensorInfo, as_matrix, find_head, select, tunable_tensors
+from sensitune.models.tensors import (RowSlice, TensorInfo, as_matrix, find_head, kept_training_flags, select,
+                                      tunable_tensors)
 
 __all__ = [
     "HFImageClassifier",
@@ -18,6 +19,7 @@ __all__ = [
     "TensorInfo",
     "WeightsUnavailableError",
     "as_matrix",
+    "kept_training_flags",
     "create_backbone",
     "data_config",
     "find_head",

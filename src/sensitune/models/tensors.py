@@ -8,9 +8,10 @@ timm's ``qkv`` (``q``, ``k``, ``v``).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -77,6 +78,18 @@ class TensorInfo:
             if s.name == name:
                 return s
         raise KeyError(f"{self.name} has no row slice {name!r} (it has {[s.name for s in self.slices]})")
+
+
+@contextlib.contextmanager
+def kept_training_flags(model: nn.Module) -> Iterator[None]:
+    """Restore every module's own ``training`` flag on exit, even on error. ``model.train(mode)``
+    sets them all alike, which would lose the norm layers kept in eval mode while training."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:

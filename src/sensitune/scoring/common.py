@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sensitune.models import tunable_tensors
+from sensitune.models import kept_training_flags, tunable_tensors
 
 DEFAULT_KINDS = ("matrix", "vector", "other")
 KINDS = ("matrix", "vector", "embedding", "head", "other")
@@ -96,29 +96,27 @@ def scoring_mode(model: nn.Module, scored: Sequence[nn.Parameter], *, train_mode
     """
     if batchnorm not in ("eval", "train"):
         raise ValueError(f"batchnorm must be 'eval' or 'train', got {batchnorm!r}")
-    flags = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     requires = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     scored_ids = {id(p) for p in scored}
-    try:
-        model.train(train_mode)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase):
-                m.train(batchnorm == "train")
-        for p in params:
-            p.requires_grad_(id(p) in scored_ids)
-        yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for p, req, g in zip(params, requires, grads):
-            p.requires_grad_(req)
-            p.grad = g
-        for m, flag in flags:
-            m.training = flag
+    with kept_training_flags(model):
+        try:
+            model.train(train_mode)
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    m.train(batchnorm == "train")
+            for p in params:
+                p.requires_grad_(id(p) in scored_ids)
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for p, req, g in zip(params, requires, grads):
+                p.requires_grad_(req)
+                p.grad = g
 
 
 @contextlib.contextmanager
