@@ -9,10 +9,13 @@ names (never parsed out of a TypeError). Imports nothing heavy: ``sensitune --he
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import types
 import typing
-from typing import Any, Callable, Collection, Iterable, Mapping, Union
+from typing import Any, Callable, Collection, Generic, Iterable, Mapping, TypeVar, Union
+
+T = TypeVar("T")
 
 
 def declared_options(fn: Callable, skip: Collection[str] = (), forwards: Callable | None = None,
@@ -91,3 +94,31 @@ def check_call_options(who: str, what: str, declared: dict[str, Any] | None, giv
         if not value_matches(value, declared[key]):
             raise ValueError(f"{who}: option {key}={value!r} has the wrong type: the {what} expects "
                              f"{hint_name(declared[key])}")
+
+
+class Registry(dict[str, T], Generic[T]):
+    """Entries by name (the planners, the scorers): a name registered twice is a programming
+    error, and an unknown name is a ValueError listing the registered ones with a did-you-mean.
+
+    ``package`` is imported before a lookup: its modules register their entries on import, and
+    importing it lazily keeps the registry module free of a circular import.
+    """
+
+    def __init__(self, kind: str, unknown: str, package: str) -> None:
+        super().__init__()
+        self.kind, self.unknown, self.package = kind, unknown, package
+
+    def add(self, entry: T) -> T:
+        name = entry.name  # type: ignore[attr-defined]
+        if name in self:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self[name] = entry
+        return entry
+
+    def lookup(self, name: str) -> T:
+        importlib.import_module(self.package)
+        try:
+            return self[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown {self.unknown} {name!r}{did_you_mean(str(name), self)}; choose one of "
+                             f"{', '.join(self)}") from None

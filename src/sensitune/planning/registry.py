@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from sensitune.options import check_call_options, declared_options, did_you_mean
+from sensitune.options import Registry, check_call_options, declared_options
 from sensitune.planning.budget import BudgetUse, check_budget
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,23 +72,15 @@ class Planner:
         return self.fn(context(model), **self.bound, **options)
 
 
-PLANNERS: dict[str, Planner] = {}
+#: the planner modules register on import of :mod:`sensitune.planning`
+PLANNERS: Registry[Planner] = Registry("planner", "method", "sensitune.planning")
 
 
 def register(planner: Planner) -> Planner:
     """Add ``planner`` under its name; a name registered twice is a programming error."""
-    if planner.name in PLANNERS:
-        raise ValueError(f"planner {planner.name!r} is registered twice")
-    PLANNERS[planner.name] = planner
-    return planner
+    return PLANNERS.add(planner)
 
 
 def get_planner(name: str) -> Planner:
     """The planner called ``name``; an unknown name lists the registered ones and the closest."""
-    import sensitune.planning  # noqa: F401  (the planner modules register on import)
-
-    try:
-        return PLANNERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown method {name!r}{did_you_mean(str(name), PLANNERS)}; choose one of "
-                         f"{', '.join(PLANNERS)}") from None
+    return PLANNERS.lookup(name)

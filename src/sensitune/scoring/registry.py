@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from sensitune.options import check_call_options, declared_options, did_you_mean
+from sensitune.options import Registry, check_call_options, declared_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from sensitune.scoring.scoremap import ScoreMap
@@ -51,23 +51,15 @@ class Scorer:
         return self.fn(model, data, **options)
 
 
-SCORERS: dict[str, Scorer] = {}
+#: the scorer modules register on import of :mod:`sensitune.scoring`
+SCORERS: Registry[Scorer] = Registry("scorer", "scoring method", "sensitune.scoring")
 
 
 def register(scorer: Scorer) -> Scorer:
     """Add ``scorer`` under its name; a name registered twice is a programming error."""
-    if scorer.name in SCORERS:
-        raise ValueError(f"scorer {scorer.name!r} is registered twice")
-    SCORERS[scorer.name] = scorer
-    return scorer
+    return SCORERS.add(scorer)
 
 
 def get_scorer(name: str) -> Scorer:
     """The scorer called ``name``; an unknown name lists the registered ones and the closest."""
-    import sensitune.scoring  # noqa: F401  (the scorer modules register on import)
-
-    try:
-        return SCORERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown scoring method {name!r}{did_you_mean(str(name), SCORERS)}; choose one of "
-                         f"{', '.join(SCORERS)}") from None
+    return SCORERS.lookup(name)
