@@ -16,6 +16,7 @@ from sensitune.state import find_state
 from sensitune.tuners import applied_plan, apply_plan, get_mode, registered
 from sensitune.tuners.host import TUNING_ATTR
 
+from .fixtures.v0_1.make_fixtures import moved as _moved
 from .helpers import images, lite0, tuned_vit, vit
 
 
@@ -32,17 +33,6 @@ def _edit(folder, tensors=None, meta=None, packed=None):
         meta(m)
     save_file(t, str(folder / TENSORS_FILE))
     (folder / META_FILE).write_text(json.dumps(m))
-
-
-def _moved(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for n, b in sorted(model.named_buffers()):
-            if n.endswith("running_mean"):
-                b.add_(torch.randn(b.shape, generator=g) * 0.01)
-    return model.eval()
 
 
 @pytest.mark.parametrize("mode", registered())
