@@ -4,8 +4,8 @@ Every stage that learns something about a model keeps it here instead of in an a
 attribute of its own: :func:`sensitune.models.create_backbone` records which weights it loaded
 and how to preprocess for them, :func:`sensitune.tuners.apply_plan` the plan it applied,
 :func:`sensitune.artifacts.load_delta` where the delta came from. One dataclass means one place
-to read what a model carries, one thing that ``copy.deepcopy`` / pickling / ``torch.save`` of a
-whole model carry along (its fields are plain values, tensors and a Plan), and one thing to
+to read what a model carries, one thing that ``copy.deepcopy`` of a whole model carries along
+(its fields are plain values, tensors and a Plan), and one thing to
 clear when :func:`sensitune.artifacts.merge` turns a tuned model into a plain one.
 
 The state lives in the model's ``__dict__`` (``nn.Module.__setattr__`` keeps a non-tensor
