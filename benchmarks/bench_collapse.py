@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from sensitune.commands.demo import RECIPE as BENCH_RECIPE
+from sensitune.commands.demo import SIZES
+
 #: (label, method, budget, centre lr, other settings): the ``make bench`` columns whose larger rate
 #: was excluded, and LoRA, which kept it
 COLUMNS = [
@@ -32,8 +35,9 @@ COLUMNS = [
     # the same plan family with batch statistics (the reference codes' BatchNorm): BN re-centres every batch
     ("spt-lora:budget=182272:norm_stats=batch", "spt-lora", 182272, 1e-3, {"norm_stats": "batch"}),
 ]
-RECIPE = dict(img_size=64, warmup_epochs=0.5, grad_clip=1.0, score_batches=4, epochs=3, batch_size=32,
-              protocol="val", progress=False, seed=0)
+#: ``make bench``'s validation cells (``sensitune demo --bench``: its recipe, epochs and batch), seed 0
+RECIPE = {**BENCH_RECIPE, **{k: SIZES["bench"][k] for k in ("epochs", "batch_size")},
+          "protocol": "val", "progress": False, "seed": 0}
 
 
 def pooled_features(run: Path, task: str, n: int = 64) -> torch.Tensor:

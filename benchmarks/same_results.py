@@ -27,9 +27,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_before_after import ROOT, extract_src  # noqa: E402
+from bench_collapse import RECIPE  # noqa: E402  (make bench's validation cells)
 
-RECIPE = dict(img_size=64, warmup_epochs=0.5, grad_clip=1.0, score_batches=4, epochs=3, batch_size=32,
-              protocol="val", progress=False, seed=0)
 #: results.json keys that must be equal (not timings, paths or versions)
 KEYS = ("accuracy", "eval_loss", "per_class_accuracy", "train_loss", "train_accuracy", "train_loss_start",
         "diverged", "steps", "trainable_params", "trainable_params_without_head", "plan_mix",
