@@ -1,5 +1,6 @@
 """apply_plan: trainables match the plan for every method; modules compute what they claim; merge; errors."""
 import copy
+import pickle
 
 import pytest
 import timm
@@ -222,3 +223,49 @@ def test_state_dict_names_are_kept():
     new = set(model.state_dict())
     assert names <= new
     assert all(n.endswith(("_delta", "_delta_index", ".A", ".B")) for n in new - names)
+
+
+def _moved(model, seed=1):
+    """Move every trainable (LoRA B and adapter ups start at zero) so a copy that ran someone
+    else's tensors could not match by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ["vit", "effnet"])
+def test_tuned_model_pickles_and_the_copy_runs_its_own_tensors(method, arch, vit, effnet):
+    base = vit if arch == "vit" else effnet
+    model = copy.deepcopy(base)
+    apply_plan(model, make_plan(model, _scores(model), method, _BUDGETS.get(method)))
+    _moved(model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+    clone = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), y, atol=0, rtol=0)
+        _moved(clone, seed=2)
+        changed = clone(x)
+    assert not torch.equal(changed, y)  # the clone's forward reads the clone's tensors
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y, atol=0, rtol=0)  # and leaves the original alone
+
+
+@pytest.mark.parametrize("method", ["adaptformer", "lora", "gps"])
+def test_deepcopy_runs_the_copys_own_adapters(method, vit, effnet):
+    """A deepcopy used to keep the original's AdaptFormer hooks (closures are copied by reference)."""
+    for base in (vit, effnet):
+        model = copy.deepcopy(base)
+        apply_plan(model, make_plan(model, _scores(model), method, _BUDGETS.get(method)))
+        _moved(model).eval()
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            y = model(x)
+            twin = _moved(copy.deepcopy(model), seed=2)
+            assert not torch.equal(twin(x), y)
+            torch.testing.assert_close(model(x), y, atol=0, rtol=0)

@@ -16,6 +16,7 @@ Adapters are non-linear, so they cannot be merged into the base weights.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -92,25 +93,33 @@ def block_dims(block: nn.Module) -> tuple[int, int]:
     return cin, cout
 
 
+def _grab_mlp_input(block: nn.Module, _norm: nn.Module, args: tuple) -> None:
+    block._sensitune_mlp_input = args[0]
+
+
+def _add_vit_adaptformer(block: nn.Module, _mod: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+    x = block.__dict__.pop("_sensitune_mlp_input", None)
+    if x is None:
+        raise RuntimeError("AdaptFormer: the block's norm2 did not run; cannot read the MLP branch input")
+    return out + block.adaptformer(x)
+
+
+def _add_cnn_adaptformer(block: nn.Module, _mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    return out + block.adaptformer(args[0])
+
+
 def attach_adaptformer(block: nn.Module, adapter: Bottleneck) -> list:
-    """Register ``adapter`` as ``block.adaptformer`` and the hooks that run it; returns the handles."""
+    """Register ``adapter`` as ``block.adaptformer`` and the hooks that run it; returns the handles.
+
+    The hooks are partials of module-level functions over ``block`` and read ``block.adaptformer``
+    when they run, not closures: ``copy.deepcopy`` copies a closure by reference, so a copied model
+    used to run the original's adapter, and pickle cannot store a closure at all.
+    """
     block.adaptformer = adapter
     handles = []
     if is_vit_block(block):
-        def grab(_mod, args):
-            block._sensitune_mlp_input = args[0]
-
-        def add(_mod, _args, out):
-            x = block.__dict__.pop("_sensitune_mlp_input", None)
-            if x is None:
-                raise RuntimeError("AdaptFormer: the block's norm2 did not run; cannot read the MLP branch input")
-            return out + adapter(x)
-
-        handles.append(block.norm2.register_forward_pre_hook(grab))
-        handles.append(block.register_forward_hook(add))
+        handles.append(block.norm2.register_forward_pre_hook(partial(_grab_mlp_input, block)))
+        handles.append(block.register_forward_hook(partial(_add_vit_adaptformer, block)))
     else:
-        def add_cnn(_mod, args, out):
-            return out + adapter(args[0])
-
-        handles.append(block.register_forward_hook(add_cnn))
+        handles.append(block.register_forward_hook(partial(_add_cnn_adaptformer, block)))
     return handles

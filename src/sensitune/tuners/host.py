@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from types import MethodType
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -181,7 +181,9 @@ def tuning_state(module: nn.Module) -> Tuning:
     if st is None:
         st = Tuning()
         module.__dict__[TUNING_ATTR] = st
-        module.forward = MethodType(_tuned_forward, module)
+        # a partial, not a bound method: pickle stores a bound method as getattr(module, name),
+        # which the unpickled module does not have; deepcopy copies either correctly
+        module.forward = partial(_tuned_forward, module)
     return st
 
 
