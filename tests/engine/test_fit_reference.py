@@ -7,17 +7,18 @@ named steps (see its ``made_by``); a change that means to alter the numerics re-
 
 Bit equality holds for one torch build on one kind of CPU: the Intel Xeon of 2026-12 and the
 machine of the first recording initialise the same seeded timm model a few ULPs apart, and
-their kernels round differently from there. So each reference carries a *probe* of the machine's float kernels (the seeded
-models' initial tensors, one forward/backward and one AdamW step, in plain torch with none of
-this project's code) and a machine compares with the reference of its own probe. A machine with
+their kernels round differently from there. So each reference carries a *probe* of the
+machine's float kernels (the seeded models' initial tensors, one forward/backward and one AdamW
+step, in plain torch with none of this project's code) and a machine compares with the
+reference of its own probe. A machine with
 no reference of its own (another CPU, another torch) skips with its probe in the reason, except
 that a result equal to some other machine's reference still passes; ``--record`` adds the
 reference of the machine it runs on.
 """
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import json
 import platform
 import sys
