@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sensitune.artifacts import DeltaError, index_dtype, load_delta, read_delta, save_delta
+from sensitune.artifacts import (BaseMismatchError, DeltaError, base_fingerprint, index_dtype, load_delta, read_delta,
+                                 save_delta)
 from sensitune.artifacts.format import META_FILE, TENSORS_FILE
 from sensitune.io import index_bits
 from sensitune.tuners import apply_plan, applied_plan
@@ -100,9 +101,12 @@ def test_reloaded_low_bit_delta_saves_its_original_codes(tmp_path):
 
 def test_wrong_base_is_refused_unless_forced(tmp_path):
     save_delta(tuned_vit("lora"), tmp_path / "d")
-    with pytest.raises(DeltaError, match="different base weights") as info:
+    with pytest.raises(BaseMismatchError, match="different base weights") as info:
         load_delta(vit(seed=123), tmp_path / "d")
-    assert "force=True" in str(info.value)
+    assert "force=True" in str(info.value) and isinstance(info.value, DeltaError)
+    plan = applied_plan(tuned_vit("lora"))  # the fingerprints it carries are the two models'
+    assert info.value.want == json.loads((tmp_path / "d" / META_FILE).read_text())["base_fingerprint"]
+    assert info.value.have == base_fingerprint(vit(seed=123), plan) != info.value.want
     with pytest.warns(UserWarning, match="force=True"):
         model = load_delta(vit(seed=123), tmp_path / "d", force=True)
     assert applied_plan(model) is not None

@@ -35,10 +35,11 @@ from sensitune.artifacts.delta import (
     save_delta,
     storage_report,
 )
-from sensitune.artifacts.format import DeltaError, index_dtype
+from sensitune.artifacts.format import BaseMismatchError, DeltaError, index_dtype
 from sensitune.artifacts.merge import base_fingerprint, merge
 
 __all__ = [
+    "BaseMismatchError",
     "Delta",
     "DeltaError",
     "TaskBank",

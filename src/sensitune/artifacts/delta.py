@@ -53,6 +53,7 @@ from sensitune.artifacts.format import (
     META_FILE,
     TENSORS_FILE,
     AtomicDir,
+    BaseMismatchError,
     DeltaError,
     dtype_name,
     index_bits,
@@ -570,7 +571,8 @@ def check_fingerprint(model: nn.Module, delta: Delta, *, force: bool = False) ->
                f"{want[:16]}…, the given model's is {have[:16]}… (delta backbone {bb.get('name')!r}, "
                f"weights {bb.get('weights')!r}). Load it onto the base it was trained on")
         if not force:
-            raise DeltaError(msg + ", or pass force=True (CLI: --force) to apply it anyway.")
+            raise BaseMismatchError(msg + ", or pass force=True (CLI: --force) to apply it anyway.", want=want,
+                                    have=have)
         warnings.warn(msg + "; applying anyway because force=True: outputs may be meaningless.", stacklevel=3)
     return have
 

@@ -31,6 +31,19 @@ class DeltaError(ValueError):
     """A delta folder that cannot be read or does not fit the model (message names the key)."""
 
 
+class BaseMismatchError(DeltaError):
+    """The delta was trained on other base weights than the model given (its fingerprints differ).
+
+    Its own class because it is the one refusal a caller may decide to override: ``force=True``
+    applies the delta anyway (the same base re-initialised on another CPU, say, differs in the
+    last bits). ``want`` and ``have`` are the delta's and the model's fingerprints.
+    """
+
+    def __init__(self, message: str, *, want: str, have: str) -> None:
+        super().__init__(message)
+        self.want, self.have = want, have
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
