@@ -42,14 +42,21 @@ def extract_src(rev: str, into: Path) -> Path:
     return into / "src"
 
 
+def env_for(src: Path, **extra: str) -> dict[str, str]:
+    """The environment of a child process that imports sensitune from ``src`` (checked: an
+    installed copy earlier on the path would silently time the wrong version)."""
+    env = {**os.environ, "PYTHONPATH": str(src), **extra}
+    check = subprocess.run([sys.executable, "-c", "import sensitune; print(sensitune.__file__)"], env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not check.startswith(str(src)):
+        raise RuntimeError(f"PYTHONPATH={src} imported sensitune from {check}")
+    return env
+
+
 def run_once(src: Path, bench_args: list[str]) -> dict:
     """One bench_tuners.py run with ``src`` first on the path; its JSON results."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        env = {**os.environ, "PYTHONPATH": str(src)}
-        check = subprocess.run([sys.executable, "-c", "import sensitune; print(sensitune.__file__)"], env=env,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        if not check.startswith(str(src)):
-            raise RuntimeError(f"PYTHONPATH={src} imported sensitune from {check}")
+        env = env_for(src)
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_tuners.py"), *bench_args, "--json", out.name],
                        env=env, check=True, capture_output=True, text=True)
         return json.loads(Path(out.name).read_text())

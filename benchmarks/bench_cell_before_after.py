@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -21,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_before_after import ROOT, extract_src
+from bench_before_after import ROOT, env_for, extract_src
 
 
 def run_cell(src: Path, out: Path, args: argparse.Namespace) -> tuple[float, float]:
@@ -30,7 +29,7 @@ def run_cell(src: Path, out: Path, args: argparse.Namespace) -> tuple[float, flo
            "--batch-size", "32", "--img-size", "64", "--protocol", "val", "--no-progress", "--overwrite",
            "--out", str(out)] + (["--lr", args.lr] if args.lr else [])
     code = f"import torch; torch.set_num_threads(1); from sensitune.cli import main; main({cli!r})"
-    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = env_for(src, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-c", code], env=env, check=True, stdout=subprocess.DEVNULL)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
