@@ -578,7 +578,7 @@ def _train_step(state: TrainState, env: FitEnv, images: torch.Tensor, labels: to
     # the step is accepted only with finite weights (a finite gradient can still blow a
     # weight up, e.g. through weight decay at a huge lr); max |w| is finite iff all are,
     # and DDP keeps every rank's weights equal, so no rank is left waiting
-    if not torch.isfinite(nn.utils.get_total_norm(state.trainable, norm_type=math.inf)).item():
+    if not torch.isfinite(_max_abs(state.trainable)).item():
         bad = nonfinite_tensors(dict(_unwrap(state.net).named_parameters()), only_trainable=True)
         raise _stop(state, env, f"weights in {len(bad)} of {len(state.trainable)} trained tensor(s) (e.g. "
                     f"{bad[0] if bad else '?'}) after the update", _step_name(state, epoch, step_in_epoch))
@@ -592,6 +592,16 @@ def _train_step(state: TrainState, env: FitEnv, images: torch.Tensor, labels: to
         partial["count"] += labels.numel()
     state.images_total += labels.numel() * info.world
     return loss_value, labels.numel()
+
+
+def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """max |x| over all the tensors as one device scalar (NaN if any is NaN): no host sync.
+    torch >= 2.6 computes it in fused kernels (get_total_norm); older torch one norm per tensor."""
+    if hasattr(nn.utils, "get_total_norm"):
+        return nn.utils.get_total_norm(tensors, norm_type=math.inf)
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack([torch.linalg.vector_norm(t.detach().float(), math.inf) for t in tensors]).amax()
 
 
 def _update(state: TrainState, cfg: TrainConfig, loss: torch.Tensor) -> None:
