@@ -110,6 +110,23 @@ def _as_peft_shapes(A: Tensor, B: Tensor, kernel: tuple[int, ...] | None) -> tup
     return A.reshape(A.shape[0], cin, *k), B.reshape(B.shape[0], B.shape[1], *([1] * len(k)))
 
 
+def pattern_key(module: str) -> str:
+    r"""The ``rank_pattern``/``alpha_pattern`` key that matches exactly ``module`` in every PEFT.
+
+    PEFT finds a module's key with ``re.match(rf"(.*\.)?({key})$", name)`` since 0.15 and with
+    ``re.match(rf".*\.{key}$", name)`` before: there a dot must precede the key, so the plain
+    escaped name ``blocks\.0\.attn\.qkv`` never matched and PEFT 0.14 built that module with the
+    default rank and alpha (a size error, or silently another scale). The key matches the last
+    name component behind a look-behind that pins everything before it, which both rules accept
+    and no other module name satisfies. A top-level module (no dot) keeps its plain name: only
+    PEFT >= 0.15 can match it.
+    """
+    head, dot, last = module.rpartition(".")
+    if not dot:
+        return re.escape(module)
+    return f"(?<=^{re.escape(head)}\\.){re.escape(last)}"
+
+
 def build_peft_adapter(
     factors: list[LoraFactor],
     modules_to_save: dict[str, dict[str, Tensor]],
@@ -136,9 +153,8 @@ def build_peft_adapter(
         A, B = _as_peft_shapes(A, B, group[0].kernel)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().to(torch.float32).contiguous()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = B.detach().to(torch.float32).contiguous()
-        # peft matches pattern keys as regexes anchored at a module-name boundary: escape the dots
-        rank_pattern[re.escape(module)] = rank
-        alpha_pattern[re.escape(module)] = alpha
+        rank_pattern[pattern_key(module)] = rank
+        alpha_pattern[pattern_key(module)] = alpha
     for module, params in modules_to_save.items():
         for pname, value in params.items():
             tensors[f"{PREFIX}{module}.{pname}"] = value.detach().to(torch.float32).contiguous()
