@@ -31,14 +31,15 @@ def declared_options(fn: Callable, skip: Collection[str] = (), forwards: Callabl
 
 
 def _parameters(fn: Callable, skip: Collection[str]) -> tuple[dict[str, Any], bool]:
-    hints = typing.get_type_hints(fn)
+    # the annotations as written (eval_str resolves string ones): typing.get_type_hints on
+    # Python 3.10 turns ``x: T = None`` into ``T | None``, so the options read differently there
     params: dict[str, Any] = {}
     var_kw = False
-    for p in inspect.signature(fn).parameters.values():
+    for p in inspect.signature(fn, eval_str=True).parameters.values():
         if p.kind is p.VAR_KEYWORD:
             var_kw = True
         elif p.kind is not p.VAR_POSITIONAL and p.name not in skip:
-            params[p.name] = hints.get(p.name, Any)
+            params[p.name] = Any if p.annotation is p.empty else p.annotation
     return params, var_kw
 
 
