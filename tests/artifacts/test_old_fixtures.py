@@ -27,6 +27,7 @@ OUTPUTS = load_file(str(HERE / "outputs.safetensors"))
 # float64 sum of each seeded base's state dict as the fixtures' timm (1.0.31) builds it; CPUs
 # that round differently move it by ~1e-6, a timm that initialises differently (1.0.15's
 # test_vit: 847.026) by far more
+FIXTURE_TIMM = "1.0.31"
 BASE_SUMS = {"test_vit": 846.981767523956, "test_efficientnet": 2569.811535538123}
 
 
@@ -38,6 +39,7 @@ def fixture_base(name: str) -> torch.nn.Module:
     if abs(total - BASE_SUMS[name]) > 1e-6 * abs(BASE_SUMS[name]):
         import timm
 
+        assert timm.__version__ != FIXTURE_TIMM, f"the fixtures' timm builds another seeded {name}: {total:.6f}"
         pytest.skip(f"timm {timm.__version__} initialises the seeded {name} differently (weight sum "
                     f"{total:.6f}, the fixtures' {BASE_SUMS[name]:.6f}): the recorded logits are another model's")
     return base

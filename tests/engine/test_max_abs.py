@@ -12,7 +12,7 @@ from sensitune.engine.trainer import _max_abs
 def _tensors(special: float | None) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(3, 4, generator=g), torch.randn(7, generator=g).to(torch.bfloat16),
-          torch.tensor([-5.5, 2.0])]
+          torch.tensor([-5.5, 2.0]), torch.tensor([1e300, -2.0], dtype=torch.float64)]
     if special is not None:
         ts[1][3] = special
     return ts

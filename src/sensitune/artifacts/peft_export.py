@@ -25,6 +25,7 @@ so the logits are the same but the file is float32-sized.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,20 +112,28 @@ def _as_peft_shapes(A: Tensor, B: Tensor, kernel: tuple[int, ...] | None) -> tup
 
 
 def pattern_key(module: str) -> str:
-    r"""The ``rank_pattern``/``alpha_pattern`` key that matches exactly ``module`` in every PEFT.
+    r"""The ``rank_pattern``/``alpha_pattern`` key that PEFT resolves to exactly ``module``.
 
-    PEFT finds a module's key with ``re.match(rf"(.*\.)?({key})$", name)`` since 0.15 and with
-    ``re.match(rf".*\.{key}$", name)`` before: there a dot must precede the key, so the plain
-    escaped name ``blocks\.0\.attn\.qkv`` never matched and PEFT 0.14 built that module with the
-    default rank and alpha (a size error, or silently another scale). The key matches the last
-    name component behind a look-behind that pins everything before it, which both rules accept
-    and no other module name satisfies. A top-level module (no dot) keeps its plain name: only
-    PEFT >= 0.15 can match it.
+    PEFT takes the first key ``k`` with ``re.match(rf"(.*\.)?({k})$", name)`` since 0.15 and with
+    ``re.match(rf".*\.{k}$", name)`` before, else the module's own name, and looks that up. The
+    old rule needs a dot before the key, so the plain escaped name ``blocks\.0\.attn\.qkv``
+    never matched there and PEFT 0.14 built the module at the default rank and alpha (a size
+    error, or silently another scale). This key is the last name component behind a
+    look-behind pinning everything before it: both rules accept it, for no other module. A
+    top-level module (no dot) keeps its plain name, which the old rule finds only by the
+    own-name fallback; both rules would also take it for any ``x.<name>``, so its key must come
+    after every dotted one (:func:`pattern_order`).
     """
     head, dot, last = module.rpartition(".")
     if not dot:
-        return re.escape(module)
+        return module
     return f"(?<=^{re.escape(head)}\\.){re.escape(last)}"
+
+
+def pattern_order(modules: Iterable[str]) -> list[str]:
+    """``modules`` in the order their pattern keys are written: top-level names last, so that a
+    dotted module's own key is found before a top-level key that also matches its name."""
+    return sorted(modules, key=lambda m: "." not in m)
 
 
 def build_peft_adapter(
@@ -148,7 +157,8 @@ def build_peft_adapter(
     tensors: dict[str, Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    for module, group in by_module.items():
+    for module in pattern_order(by_module):
+        group = by_module[module]
         A, B, rank, alpha = _combine(module, group)
         A, B = _as_peft_shapes(A, B, group[0].kernel)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = A.detach().to(torch.float32).contiguous()

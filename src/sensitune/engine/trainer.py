@@ -18,6 +18,7 @@ The loss of a step is the sum over the global batch divided by its size, also un
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import math
@@ -601,7 +602,9 @@ def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
         return nn.utils.get_total_norm(tensors, norm_type=math.inf)
     if not tensors:
         return torch.zeros(())
-    return torch.stack([torch.linalg.vector_norm(t.detach().float(), math.inf) for t in tensors]).amax()
+    norms = [torch.linalg.vector_norm(t.detach(), math.inf) for t in tensors]  # exact in any dtype
+    dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
+    return torch.stack([n.to(device=norms[0].device, dtype=dtype) for n in norms]).amax()
 
 
 def _update(state: TrainState, cfg: TrainConfig, loss: torch.Tensor) -> None:
