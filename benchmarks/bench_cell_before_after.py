@@ -8,6 +8,10 @@ CPU time (user + system, from ``getrusage``), which a shared machine inflates le
 time. Both versions must reach the same accuracy, or the comparison is refused.
 
     python benchmarks/bench_cell_before_after.py --before 7c82509 --rounds 4 --method spt-lora --lr 5e-4
+
+``--after REV`` times another revision instead of this checkout: ``--after`` equal to ``--before``
+is the A/A run that shows how far two runs of the same code drift apart on this machine, and two
+revisions between the ends of a slowdown bisect it.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ def run_cell(src: Path, out: Path, args: argparse.Namespace) -> tuple[float, flo
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", required=True, help="git revision of the 'before' library")
+    ap.add_argument("--after", default=None, help="git revision of the 'after' library (default: this checkout)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--task", default="shapes_loc")
@@ -49,7 +54,8 @@ def main() -> int:
     args = ap.parse_args()
     cpu: dict[str, list[float]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
-        sources = {"before": extract_src(args.before, Path(tmp)), "after": ROOT / "src"}
+        sources = {"before": extract_src(args.before, Path(tmp) / "before"),
+                   "after": ROOT / "src" if args.after is None else extract_src(args.after, Path(tmp) / "after")}
         accuracy: dict[str, float] = {}
         for r in range(args.rounds):
             for version in (("before", "after") if r % 2 == 0 else ("after", "before")):
